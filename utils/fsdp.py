@@ -1,0 +1,70 @@
+"""Real FSDP for HF ``Trainer`` on multi-process CPU (gloo), e.g. for CPU-only CI.
+
+Why this is needed (transformers 5.24 / accelerate 1.15):
+``Trainer`` turns ``TrainingArguments.fsdp_plugin_args`` into a ``FullyShardedDataParallelPlugin`` and passes
+it to ``Accelerator``. ``AcceleratorState.__init__`` (accelerate/state.py, the ``elif self.distributed_type in
+[MULTI_GPU, MULTI_MLU, ...]`` branch around line 986-1016) only promotes the run to ``DistributedType.FSDP``
+and stores ``state.fsdp_plugin`` for accelerator types; ``MULTI_CPU`` is not in that list. The plugin is
+silently dropped, ``Trainer.is_fsdp_enabled`` (trainer.py line 875) is False, and
+``Accelerator.prepare_model`` takes its ``MULTI_CPU`` branch (accelerator.py line 2058): plain DDP.
+``ACCELERATE_USE_FSDP=true`` does not help (Accelerator already sets it; the gate is the type list).
+
+Fix: right after the stock ``create_accelerator_and_postprocess``, if FSDP was requested, the state is
+``MULTI_CPU`` and world size > 1, do what accelerate does for GPUs: set ``distributed_type = FSDP`` and
+attach the plugin. Everything after that (FSDP1/FSDP2 wrapping, clipping, FULL_STATE_DICT saving) is
+accelerate's and Trainer's own code. GPU runs never reach the promotion (their state is already FSDP).
+"""
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def enable_cpu_fsdp(trainer) -> bool:
+    """Promote a MULTI_CPU accelerator state to FSDP when FSDP was requested. Returns True if it did."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if (
+        trainer.args.fsdp_plugin_args is None
+        or state.distributed_type != DistributedType.MULTI_CPU
+        or state.num_processes <= 1
+    ):
+        return False
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":  # same as AcceleratorState does for GPUs
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState does this too
+    trainer.is_fsdp_enabled = True
+    if state.is_main_process:
+        logger.warning(
+            "utils.fsdp: CPU multi-process run (%s procs, backend %s): using FSDP%d instead of accelerate's DDP fallback",
+            state.num_processes, state.backend, plugin.fsdp_version,
+        )
+    return True
+
+
+class CpuFsdpMixin:
+    """Put first in the bases: ``class MyTrainer(CpuFsdpMixin, Trainer)``."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        enable_cpu_fsdp(self)
+
+
+def local_param_numel(model: torch.nn.Module) -> int:
+    """Number of parameter elements this rank really holds (call outside forward/backward).
+
+    FSDP2: parameters are DTensors -> size of the local shard. FSDP1: between steps (resharded) the parameters
+    are views into this rank's shard of the FlatParameter (use_orig_params=True: a param not on this rank has
+    numel 0), or the FlatParameters themselves whose data is the local shard (use_orig_params=False), so
+    ``numel()`` is already local. Unsharded models: full size.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())

@@ -66,7 +66,10 @@ def main():
         per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=GLOBAL_BATCH // (MICRO_BATCH * world),
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", seed=0, data_seed=0,
         fsdp="full_shard auto_wrap" if world > 1 else None,
-        fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "version": a.fsdp_version},
+        fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "version": a.fsdp_version,
+                     # FSDP1 only: accelerate's sync_module_states=True needs an accelerator device (raises on
+                     # CPU); ranks start from the same seed anyway.
+                     **({"sync_module_states": False} if a.fsdp_version == 1 else {})},
         disable_tqdm=True,
     )
     trainer = (Trainer if a.no_fix else ProbeTrainer)(model=model, args=args, train_dataset=ToyData())

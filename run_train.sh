@@ -1,0 +1,72 @@
+#!/bin/sh
+# LLM-QAT: sh run_train.sh W A KV [extra train.py args]     e.g. sh run_train.sh 4 8 4 --max_steps 20
+# Environment: MODEL (HF model dir), TRAIN_DATA, EVAL_DATA (jsonl, glob or comma list), NPROC (CPU processes
+# when no GPU is visible; default 1), OUTPUT (default output), PYTHON (default python).
+# With GPUs: one process per visible GPU, bf16, FSDP full_shard auto_wrap on the decoder layer class.
+set -e
+cd "$(dirname "$0")"
+usage="usage: sh $0 W A KV [train.py args]   (bits: 1-8, 16 or 32)"
+[ $# -ge 3 ] || { echo "$usage" >&2; exit 1; }
+for pair in "w_bits=$1" "a_bits=$2" "kv_bits=$3"; do
+  case "${pair#*=}" in
+    1|2|3|4|5|6|7|8|16|32) ;;
+    *) echo "error: ${pair} is not allowed; use 1-8, 16 or 32" >&2; exit 1 ;;
+  esac
+done
+[ "$3" != 1 ] || { echo "error: kv_bits=1 is not allowed (no nonzero symmetric level); use 2-8, 16 or 32" >&2; exit 1; }
+W=$1 A=$2 KV=$3; shift 3
+
+PYTHON=${PYTHON:-python}
+EMBEDDED=assets/tiny_llama
+MODEL=${MODEL:-$EMBEDDED}
+OUTPUT=${OUTPUT:-output}
+if [ -z "$TRAIN_DATA" ]; then
+  TRAIN_DATA=gen_data/all_gen.jsonl
+  if [ ! -f "$TRAIN_DATA" ] && [ "$MODEL" = "$EMBEDDED" ]; then
+    TRAIN_DATA=assets/data/shakespeare_train_small.jsonl
+    echo "note: no $TRAIN_DATA yet (generate_data.py + merge_gen_data.py); training on $TRAIN_DATA (real text)"
+  fi
+fi
+if [ -z "$EVAL_DATA" ]; then
+  if [ "$MODEL" = "$EMBEDDED" ]; then EVAL_DATA=assets/data/shakespeare_eval.jsonl; else EVAL_DATA=wiki2.jsonl; fi
+fi
+EVAL="--do_eval True --eval_data_local_path $EVAL_DATA"
+[ -e "$EVAL_DATA" ] || { EVAL=""; echo "note: no eval data $EVAL_DATA: skipping perplexity (set EVAL_DATA)"; }
+
+NGPU=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -gt 0 ]; then
+  NPROC=$NGPU
+  DEVICE="--bf16 True --gradient_checkpointing True"
+else
+  NPROC=${NPROC:-1}
+  DEVICE="--use_cpu True --bf16 False --dataloader_pin_memory False"
+fi
+FSDP=""
+[ "$NPROC" -gt 1 ] && FSDP="full_shard auto_wrap"
+# The paper's recipe; the embedded model only needs a shorter block (its context) and more steps' worth of lr.
+RECIPE="--model_max_length 2048 --learning_rate 2e-5 --per_device_train_batch_size 1"
+[ "$MODEL" = "$EMBEDDED" ] && RECIPE="--model_max_length 256 --learning_rate 2e-4 --per_device_train_batch_size 4"
+
+if [ "$NPROC" -gt 1 ]; then
+  LAUNCH="$PYTHON -m torch.distributed.run --standalone --nproc_per_node $NPROC"
+else
+  LAUNCH="$PYTHON"
+fi
+echo "W$W A$A KV$KV on $MODEL: $NPROC process(es), train $TRAIN_DATA"
+exec $LAUNCH train.py \
+  --input_model_filename "$MODEL" \
+  --train_data_local_path "$TRAIN_DATA" \
+  --local_dir "$OUTPUT" \
+  --logging_dir "$OUTPUT/runs/current" \
+  --do_train True $EVAL \
+  --qat True --w_bits "$W" --a_bits "$A" --kv_bits "$KV" \
+  --use_kd True --kd_loss_scale 1.0 \
+  $RECIPE $DEVICE ${FSDP:+--fsdp} ${FSDP:+"$FSDP"} \
+  --num_train_epochs 1 \
+  --per_device_eval_batch_size 1 \
+  --gradient_accumulation_steps 1 \
+  --eval_strategy no \
+  --save_strategy steps --save_steps 2000 --save_total_limit 1 \
+  --weight_decay 0. --warmup_ratio 0. --lr_scheduler_type cosine \
+  --logging_steps 1 --report_to tensorboard \
+  "$@"

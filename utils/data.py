@@ -1,0 +1,100 @@
+"""Training and evaluation data: jsonl {"text": ...} files -> fixed-length token blocks.
+
+Texts are tokenized with BOS and no EOS, concatenated in file order, and cut into blocks of
+`block_size` tokens; the remainder is dropped (as the original). Blocks form a map-style dataset, so
+the Trainer's sampler shuffles them (the original's IterableDataset never shuffled).
+"""
+import glob
+import json
+import logging
+import os
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from utils.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(InputError):
+    """Bad input data; the message names the file (and line)."""
+
+
+def expand_paths(spec):
+    """A path, a glob, a directory (its *.jsonl) or a comma-separated list of those -> sorted files."""
+    paths = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.jsonl")))
+        elif glob.has_magic(part):
+            found = sorted(glob.glob(part))
+        else:
+            found = [part] if os.path.exists(part) else []
+        if not found:
+            raise DataError(f"data path {part!r}: no such file (or no file matches)")
+        paths += found
+    return paths
+
+
+def read_texts(path):
+    """Texts of one jsonl file. A last line without newline that does not parse is a line still being
+    written (a live generation shard): it is skipped with a warning. Any other bad line is an error."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+            if not isinstance(text, str):
+                raise TypeError("'text' is not a string")
+        except (ValueError, KeyError, TypeError) as e:
+            if n == len(lines) and not line.endswith("\n"):
+                logger.warning("%s:%d: skipping an unfinished last line", path, n)
+                continue
+            raise DataError(f"{path}:{n}: not a JSON object with a string 'text' field ({e})") from None
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{path}: no text lines (empty file?)")
+    return texts
+
+
+def tokenize_texts(texts, tokenizer, desc="tokenizing"):
+    """Token ids of all texts concatenated, each text prefixed with BOS (when the tokenizer has one)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    chunks, step = [], 1000
+    for i in tqdm(range(0, len(texts), step), desc=desc, unit_scale=step, disable=len(texts) <= step):
+        batch = tokenizer(texts[i:i + step], add_special_tokens=False)["input_ids"]
+        chunks.append(torch.tensor([t for seq in batch for t in bos + seq], dtype=torch.long))
+    return torch.cat(chunks)
+
+
+class BlockDataset(Dataset):
+    """Consecutive, non-overlapping blocks of token ids; labels are the inputs (the model shifts them)."""
+
+    def __init__(self, ids, block_size):
+        n = len(ids) // block_size
+        self.blocks = ids[: n * block_size].view(n, block_size)
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def load_blocks(spec, tokenizer, block_size, max_samples=None, what="train"):
+    paths = expand_paths(spec)
+    texts = [t for p in paths for t in read_texts(p)]
+    ids = tokenize_texts(texts, tokenizer, desc=f"tokenizing {what} data")
+    data = BlockDataset(ids, block_size)
+    if len(data) == 0:
+        raise DataError(f"{what} data {', '.join(paths)}: {len(ids)} tokens, fewer than one block of {block_size}")
+    if max_samples is not None:
+        data.blocks = data.blocks[:max_samples]
+    logger.info("%s data: %d files, %d texts, %d tokens -> %d blocks of %d",
+                what, len(paths), len(texts), len(ids), len(data), block_size)
+    return data

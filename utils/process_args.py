@@ -1,0 +1,78 @@
+"""Command-line arguments: the original LLM-QAT flags on top of every HF TrainingArguments flag."""
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = str(REPO / "assets" / "tiny_llama")
+EMBEDDED_TRAIN = str(REPO / "assets" / "data" / "shakespeare_train_small.jsonl")
+EMBEDDED_EVAL = str(REPO / "assets" / "data" / "shakespeare_eval.jsonl")
+
+
+@dataclass
+class ModelArguments:
+    input_model_filename: str = field(
+        default=EMBEDDED_MODEL, metadata={"help": "Local HF model directory; teacher and student start from it"})
+    output_model_filename: str = field(
+        default=None, metadata={"help": "Name of the saved student under <local_dir>/models/ (default: W<w>A<a>KV<kv>)"})
+    local_dir: str = field(default="output", metadata={"help": "Root of the saved model: <local_dir>/models/<name>"})
+    qat: bool = field(default=True, metadata={"help": "Fake-quantize the student (False: fine-tune the FP model)"})
+    w_bits: int = field(default=32, metadata={"help": "Weight bits: 1-8, 16, or 32 (off)"})
+    a_bits: int = field(default=32, metadata={"help": "Activation bits: 1-8, 16, or 32 (off; <=2 also off)"})
+    kv_bits: int = field(default=32, metadata={"help": "KV-cache bits: 2-8, 16, or 32 (off)"})
+    kv_post_rope: bool = field(default=False, metadata={"help": "Quantize keys after RoPE (default: before, as the paper)"})
+    use_kd: bool = field(default=True, metadata={"help": "Distill from the FP teacher (False: next-token loss)"})
+    kd_loss_scale: float = field(default=1.0, metadata={"help": "Scale of the KL(teacher || student) loss"})
+    load_dtype: str = field(
+        default="float32", metadata={"help": "Dtype of the student's weights: float32 master weights (with --bf16 "
+                                     "autocast), or bfloat16 as the original (pure bf16 weights and optimizer)",
+                                     "choices": ["float32", "bfloat16"]})
+
+
+@dataclass
+class DataArguments:
+    train_data_local_path: str = field(
+        default=EMBEDDED_TRAIN, metadata={"help": "jsonl {'text'} file(s): a path, a glob, or a comma-separated list"})
+    eval_data_local_path: str = field(default=EMBEDDED_EVAL, metadata={"help": "jsonl {'text'} file(s) for perplexity"})
+    max_train_samples: int = field(default=None, metadata={"help": "Keep only the first N training blocks"})
+    max_eval_samples: int = field(default=None, metadata={"help": "Keep only the first N evaluation blocks"})
+    shuffle: bool = field(default=True, metadata={"help": "Shuffle training blocks (False: file order, as the original)"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    output_dir: str = field(
+        default=None, metadata={"help": "Trainer checkpoints, resumed if present (default: "
+                                "<local_dir>/checkpoints/<output_model_filename>)"})
+    model_max_length: int = field(default=2048, metadata={"help": "Training block length in tokens (capped at the "
+                                                                   "model's max_position_embeddings)"})
+    logging_dir: str = field(default="output/runs/current", metadata={"help": "TensorBoard event directory"})
+    fsdp_transformer_layer_cls_to_wrap: str = field(
+        default=None, metadata={"help": "Decoder layer class FSDP wraps (default: the model's own, e.g. LlamaDecoderLayer)"})
+    report_to: str = field(default="tensorboard", metadata={"help": "Where to log: tensorboard, none, ..."})
+    optim: str = field(default="adamw_torch")
+
+    def __post_init__(self):
+        if self.fsdp_transformer_layer_cls_to_wrap:
+            cfg = dict(self.fsdp_config or {}) if not isinstance(self.fsdp_config, str) else self.fsdp_config
+            if isinstance(cfg, dict):
+                cfg["transformer_layer_cls_to_wrap"] = [self.fsdp_transformer_layer_cls_to_wrap]
+                self.fsdp_config = cfg
+        os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir  # transformers 5 dropped --logging_dir
+        super().__post_init__()
+
+
+def process_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.output_model_filename is None:
+        bits = (model_args.w_bits, model_args.a_bits, model_args.kv_bits) if model_args.qat else (32, 32, 32)
+        model_args.output_model_filename = "W{}A{}KV{}".format(*bits)
+    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+        # one checkpoint folder per run name, so a resumed run never picks up another setting's checkpoint
+        training_args.output_dir = os.path.join(model_args.local_dir, "checkpoints", model_args.output_model_filename)
+    return model_args, data_args, training_args

@@ -1,0 +1,111 @@
+"""LLM-QAT training: FP teacher -> fake-quantized student, distilled on the training blocks."""
+import json
+import logging
+import math
+import os
+import shutil
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+
+from models.quant_model import check_bits, load_model, quantize_model
+from utils.data import load_blocks
+from utils.errors import InputError
+from utils.kd_trainer import KDTrainer
+
+logger = logging.getLogger("llm_qat")
+
+
+def setup_logging(training_args):
+    level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def check_inputs(model_args, training_args, final_dir):
+    """Fail before any work: bad bits, missing model, or a saved model that would be overwritten."""
+    if model_args.qat:
+        try:
+            check_bits(model_args.w_bits, model_args.a_bits, model_args.kv_bits)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if not os.path.isfile(os.path.join(model_args.input_model_filename, "config.json")):
+        raise InputError(f"--input_model_filename {model_args.input_model_filename!r}: "
+                         "not a local Hugging Face model directory (no config.json)")
+    if training_args.do_train and os.path.exists(final_dir):
+        raise InputError(f"{final_dir} exists; remove it or pass another --output_model_filename")
+
+
+def block_sizes(model_max_length, config):
+    """Training blocks of model_max_length, capped by the model's context; eval blocks of at most 1024."""
+    limit = getattr(config, "max_position_embeddings", model_max_length)
+    train = min(model_max_length, limit)
+    if train < model_max_length:
+        logger.info("model_max_length %d > the model's context %d: using blocks of %d", model_max_length, limit, train)
+    return train, min(train, 1024)
+
+
+def run(model_args, data_args, training_args):
+    setup_logging(training_args)
+    final_dir = os.path.join(model_args.local_dir, "models", model_args.output_model_filename)
+    check_inputs(model_args, training_args, final_dir)
+    path = model_args.input_model_filename
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train_len, eval_len = block_sizes(training_args.model_max_length, config)
+    train_data = eval_data = None
+    if training_args.do_train:
+        train_data = load_blocks(data_args.train_data_local_path, tokenizer, train_len,
+                                 data_args.max_train_samples, "train")
+    if training_args.do_eval:
+        eval_data = load_blocks(data_args.eval_data_local_path, tokenizer, eval_len, data_args.max_eval_samples, "eval")
+    if not data_args.shuffle:
+        training_args.train_sampling_strategy = "sequential"
+
+    compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    student = load_model(path, dtype=getattr(torch, model_args.load_dtype))
+    if model_args.qat:
+        quantize_model(student, model_args.w_bits, model_args.a_bits, model_args.kv_bits, model_args.kv_post_rope)
+    teacher = load_model(path, dtype=compute_dtype) if model_args.use_kd and training_args.do_train else None
+    logger.info("student: %s", student)
+
+    trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale, args=training_args,
+                        train_dataset=train_data, eval_dataset=eval_data)
+
+    if training_args.do_train:
+        resume = training_args.resume_from_checkpoint
+        if resume is None and os.path.isdir(training_args.output_dir):
+            resume = get_last_checkpoint(training_args.output_dir)
+            if resume:
+                logger.info("resuming from %s", resume)
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.log_metrics("train", result.metrics)
+        save_student(trainer, tokenizer, final_dir)
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = math.exp(metrics["eval_loss"])
+        metrics["eval_blocks"], metrics["eval_block_len"] = len(eval_data), eval_len
+        trainer.log_metrics("eval", metrics)
+        if trainer.is_world_process_zero() and os.path.isdir(final_dir):
+            with open(os.path.join(final_dir, "eval_results.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+        logger.info("perplexity %.4f on %s (%d blocks of %d tokens)", metrics["perplexity"],
+                    data_args.eval_data_local_path, len(eval_data), eval_len)
+    return trainer
+
+
+def save_student(trainer, tokenizer, final_dir):
+    """Save the student (safetensors, config with w/a/kv bits, tokenizer) atomically: temp dir, then rename."""
+    tmp_dir = final_dir + ".tmp"
+    if trainer.is_world_process_zero() and os.path.exists(tmp_dir):
+        shutil.rmtree(tmp_dir)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(tmp_dir)  # every rank takes part: FSDP gathers the full state dict
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(tmp_dir)
+        os.replace(tmp_dir, final_dir)
+        logger.info("saved the student to %s", final_dir)
+    trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,127 @@
+"""Model conversion on stock HF LLaMA / Mistral / Qwen2 (GQA), KV quantization, save and load."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from models.quant_model import load_model, quantize_kv, quantize_model
+from models.utils_quant import QuantizeLinear, SymQuantizer
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES = [(LlamaConfig, LlamaForCausalLM), (MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM)]
+
+
+def tiny(cls_pair, seed=0):
+    config_cls, model_cls = cls_pair
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**TINY)).eval()
+
+
+def tokens():
+    return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=["llama", "mistral", "qwen2"])
+def test_every_decoder_linear_becomes_quantize_linear(family):
+    model = tiny(family)
+    n_params = sum(p.numel() for p in model.parameters())
+    quantize_model(model, 4, 8, 4)
+    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 7 * TINY["num_hidden_layers"] and all(type(m) is QuantizeLinear for m in linears)
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    assert sum(p.numel() for p in model.parameters()) == n_params  # parameters shared, nothing added
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.out_bits == 4 and attn.v_proj.out_bits == 4 and attn.q_proj.out_bits == 32
+    assert attn.k_proj.out_features == 16  # grouped-query attention: 2 KV heads of 8
+    assert (model.config.w_bits, model.config.a_bits, model.config.kv_bits) == (4, 8, 4)
+    assert "(q_proj): QuantizeLinear(in_features=32, out_features=32, bias=" in str(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=["llama", "mistral", "qwen2"])
+def test_32_bits_gives_identical_logits_and_4_bits_differs(family):
+    ref_model, x = tiny(family), tokens()
+    ref = ref_model(x).logits
+    assert torch.equal(quantize_model(tiny(family), 32, 32, 32)(x).logits, ref)
+    assert not torch.allclose(quantize_model(tiny(family), 4, 8, 4)(x).logits, ref, atol=1e-3)
+
+
+def kv_outputs(model, x):
+    """k_proj and v_proj outputs of layer 0, as the attention receives them."""
+    seen = {}
+    attn = model.model.layers[0].self_attn
+    hooks = [getattr(attn, n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n in ("k_proj", "v_proj")]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return attn, seen
+
+
+def test_kv_cache_quantized_per_token_before_rope():
+    model, x = quantize_model(tiny(FAMILIES[0]), 32, 32, 4), tokens()
+    attn, seen = kv_outputs(model, x)
+    for name in ("k_proj", "v_proj"):
+        inp, out = seen[name]
+        full = nn.functional.linear(inp, getattr(attn, name).weight)
+        torch.testing.assert_close(out, SymQuantizer.apply(full, (-2.0, 2.0), 4, False))
+        steps = out * ((7 / (full.abs().amax(-1, keepdim=True) + 1e-6)) + 1e-6)  # integers in [-7, 7]
+        torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+        assert steps.abs().max() <= 7 + 1e-4
+
+
+def test_kv_post_rope_quantizes_keys_after_rope(monkeypatch):
+    import models.quant_model as qm
+    x = tokens()
+    pre = quantize_model(tiny(FAMILIES[0]), 32, 32, 4)
+    post = quantize_model(tiny(FAMILIES[0]), 32, 32, 4, kv_post_rope=True)
+    assert post.model.layers[0].self_attn.k_proj.out_bits == 32
+    assert post.config._attn_implementation.startswith("llmqat_kv_post_rope|")
+    seen = []
+    monkeypatch.setattr(qm, "quantize_kv", lambda states, bits: seen.append(states) or quantize_kv(states, bits))
+    attn, raw = kv_outputs(post, x)
+    key = seen[0]  # layer 0's keys as the attention function received them: [batch, kv_heads, seq, head_dim]
+    raw_key = raw["k_proj"][1].view(2, 12, 2, 8).transpose(1, 2)
+    torch.testing.assert_close(key[:, :, 0], raw_key[:, :, 0])  # RoPE is the identity at position 0 ...
+    assert not torch.allclose(key[:, :, 1:], raw_key[:, :, 1:])  # ... and rotates the later positions
+    assert len(seen) == 2 * TINY["num_hidden_layers"]  # K and V of every layer, one forward
+    assert not torch.allclose(post(x).logits, pre(x).logits, atol=1e-4)
+
+
+def test_quantize_kv_groups_all_heads_of_a_token():
+    states = torch.randn(1, 2, 3, 4)
+    states[:, 1, 0] *= 100  # one head of token 0 dominates token 0's scale only
+    q = quantize_kv(states, 4)
+    flat_q = q.transpose(1, 2).reshape(1, 3, 8)
+    torch.testing.assert_close(flat_q, SymQuantizer.apply(states.transpose(1, 2).reshape(1, 3, 8), (-2.0, 2.0), 4, False))
+
+
+@pytest.mark.parametrize("post_rope", [False, True])
+def test_save_and_load_rebuilds_the_quantized_model(tmp_path, post_rope):
+    model, x = quantize_model(tiny(FAMILIES[0]), 4, 8, 4, kv_post_rope=post_rope), tokens()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["w_bits"], config["a_bits"], config["kv_bits"]) == (4, 8, 4)
+    loaded = load_model(str(tmp_path)).eval()
+    assert type(loaded.model.layers[1].mlp.down_proj) is QuantizeLinear
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_load_fp_model_stays_fp(tmp_path):
+    model = tiny(FAMILIES[0])
+    model.save_pretrained(tmp_path)
+    assert type(load_model(str(tmp_path)).model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("bits,msg", [((4, 8, 9), "kv_bits=9"), ((0, 8, 8), "w_bits=0"), ((4, 8, 1), "kv_bits=1"),
+                                      ((4, 12, 8), "a_bits=12")])
+def test_bad_bits_are_rejected(bits, msg):
+    with pytest.raises(ValueError, match=msg):
+        quantize_model(tiny(FAMILIES[0]), *bits)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
+        load_model(str(tmp_path / "nope"))

@@ -57,7 +57,6 @@ exec $LAUNCH train.py \
   --input_model_filename "$MODEL" \
   --train_data_local_path "$TRAIN_DATA" \
   --local_dir "$OUTPUT" \
-  --logging_dir "$OUTPUT/runs/current" \
   --do_train True $EVAL \
   --qat True --w_bits "$W" --a_bits "$A" --kv_bits "$KV" \
   --use_kd True --kd_loss_scale 1.0 \

@@ -11,13 +11,19 @@ silently dropped, ``Trainer.is_fsdp_enabled`` (trainer.py line 875) is False, an
 
 Fix: right after the stock ``create_accelerator_and_postprocess``, if FSDP was requested, the state is
 ``MULTI_CPU`` and world size > 1, do what accelerate does for GPUs: set ``distributed_type = FSDP`` and
-attach the plugin. Everything after that (FSDP1/FSDP2 wrapping, clipping, FULL_STATE_DICT saving) is
-accelerate's and Trainer's own code. GPU runs never reach the promotion (their state is already FSDP).
+attach the plugin. Everything after that (FSDP2 ``fully_shard`` wrapping, grad clipping, FULL_STATE_DICT
+saving) is accelerate's and Trainer's own code. GPU runs never reach the promotion (their state is already FSDP).
+
+Notes: needs ``TrainingArguments(use_cpu=True)`` (else accelerate picks DistributedType.NO and Trainer raises
+"Using fsdp only works in distributed training"). The stock post-create sanity checks that key on
+``is_fsdp_enabled`` (e.g. activation_checkpointing set both in args and fsdp_config) ran before the promotion,
+so they are not re-done here. FSDP1 (deprecated in transformers 5.x) trains but cannot save on CPU, see below.
 """
 
 import logging
 
 import torch
+from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,11 @@ def enable_cpu_fsdp(trainer) -> bool:
             "utils.fsdp: CPU multi-process run (%s procs, backend %s): using FSDP%d instead of accelerate's DDP fallback",
             state.num_processes, state.backend, plugin.fsdp_version,
         )
+        if plugin.fsdp_version == 1:
+            logger.warning(
+                "utils.fsdp: FSDP1 on CPU trains, but save_model() segfaults (accelerate's get_state_dict hardcodes "
+                "FullStateDictConfig(offload_to_cpu=True), which crashes torch FSDP1 on CPU). Use fsdp_version 2."
+            )
     return True
 
 
@@ -72,3 +83,13 @@ def local_param_numel(model: torch.nn.Module) -> int:
     from torch.distributed.tensor import DTensor
 
     return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+
+
+class ShardReport(TrainerCallback):
+    """Logs, on every rank at the start of training, how many parameter elements that rank holds."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        full = sum(p.numel() for p in model.parameters())  # a DTensor's numel() is its global size
+        local = local_param_numel(model)
+        print(f"rank {args.process_index}/{args.world_size} holds {local} of {full} student parameter elements "
+              f"({type(model).__name__})", flush=True)

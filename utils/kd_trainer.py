@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from utils.fsdp import CpuFsdpMixin
+from utils.fsdp import CpuFsdpMixin, ShardReport
 
 
 def kd_loss(student_logits, teacher_logits):
@@ -25,6 +25,7 @@ class KDTrainer(CpuFsdpMixin, Trainer):
 
     def __init__(self, *args, teacher=None, kd_loss_scale=1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(ShardReport())
         self.kd_loss_scale = kd_loss_scale
         self.teacher = teacher
         if teacher is not None:

@@ -49,11 +49,22 @@ class TrainingArguments(transformers.TrainingArguments):
                                 "<local_dir>/checkpoints/<output_model_filename>)"})
     model_max_length: int = field(default=2048, metadata={"help": "Training block length in tokens (capped at the "
                                                                    "model's max_position_embeddings)"})
-    logging_dir: str = field(default="output/runs/current", metadata={"help": "TensorBoard event directory"})
+    logging_dir: str = field(default=None, metadata={"help": "TensorBoard events (default: <local_dir>/runs/current)"})
     fsdp_transformer_layer_cls_to_wrap: str = field(
         default=None, metadata={"help": "Decoder layer class FSDP wraps (default: the model's own, e.g. LlamaDecoderLayer)"})
+    # The paper's recipe as defaults (reference section 3); every other TrainingArguments flag works too.
     report_to: str = field(default="tensorboard", metadata={"help": "Where to log: tensorboard, none, ..."})
     optim: str = field(default="adamw_torch")
+    num_train_epochs: float = field(default=1.0)
+    per_device_train_batch_size: int = field(default=1)
+    per_device_eval_batch_size: int = field(default=1)
+    learning_rate: float = field(default=2e-5)
+    lr_scheduler_type: str = field(default="cosine")
+    weight_decay: float = field(default=0.0)
+    logging_steps: float = field(default=1)
+    save_strategy: str = field(default="steps")
+    save_steps: float = field(default=2000)
+    save_total_limit: int = field(default=1)
 
     def __post_init__(self):
         if self.fsdp_transformer_layer_cls_to_wrap:
@@ -61,7 +72,6 @@ class TrainingArguments(transformers.TrainingArguments):
             if isinstance(cfg, dict):
                 cfg["transformer_layer_cls_to_wrap"] = [self.fsdp_transformer_layer_cls_to_wrap]
                 self.fsdp_config = cfg
-        os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir  # transformers 5 dropped --logging_dir
         super().__post_init__()
 
 
@@ -75,4 +85,7 @@ def process_args(argv=None):
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         # one checkpoint folder per run name, so a resumed run never picks up another setting's checkpoint
         training_args.output_dir = os.path.join(model_args.local_dir, "checkpoints", model_args.output_model_filename)
+    if training_args.logging_dir is None:
+        training_args.logging_dir = os.path.join(model_args.local_dir, "runs", "current")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = training_args.logging_dir  # transformers 5 dropped --logging_dir
     return model_args, data_args, training_args

@@ -103,6 +103,7 @@ def save_student(trainer, tokenizer, final_dir):
     if trainer.is_world_process_zero() and os.path.exists(tmp_dir):
         shutil.rmtree(tmp_dir)
     trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # the Trainer turned it off
     trainer.save_model(tmp_dir)  # every rank takes part: FSDP gathers the full state dict
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp_dir)

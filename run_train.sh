@@ -23,8 +23,8 @@ OUTPUT=${OUTPUT:-output}
 if [ -z "$TRAIN_DATA" ]; then
   TRAIN_DATA=gen_data/all_gen.jsonl
   if [ ! -f "$TRAIN_DATA" ] && [ "$MODEL" = "$EMBEDDED" ]; then
+    echo "note: no $TRAIN_DATA yet (generate_data.py + merge_gen_data.py): training on real text instead"
     TRAIN_DATA=assets/data/shakespeare_train_small.jsonl
-    echo "note: no $TRAIN_DATA yet (generate_data.py + merge_gen_data.py); training on $TRAIN_DATA (real text)"
   fi
 fi
 if [ -z "$EVAL_DATA" ]; then
@@ -33,10 +33,14 @@ fi
 EVAL="--do_eval True --eval_data_local_path $EVAL_DATA"
 [ -e "$EVAL_DATA" ] || { EVAL=""; echo "note: no eval data $EVAL_DATA: skipping perplexity (set EVAL_DATA)"; }
 
-NGPU=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+read -r NGPU BF16 <<EOT
+$($PYTHON -c "import torch; c = torch.cuda; print(c.device_count(), int(c.is_available() and c.is_bf16_supported()))")
+EOT
+[ -n "$NGPU" ] || { echo "error: $PYTHON cannot import torch; pip install -r requirements.txt" >&2; exit 1; }
 if [ "$NGPU" -gt 0 ]; then
   NPROC=$NGPU
-  DEVICE="--bf16 True --gradient_checkpointing True"
+  DEVICE="--gradient_checkpointing True"
+  [ "$BF16" = 1 ] && DEVICE="$DEVICE --bf16 True" || echo "note: this GPU has no bf16: training in fp32"
 else
   NPROC=${NPROC:-1}
   DEVICE="--use_cpu True --bf16 False --dataloader_pin_memory False"

@@ -1,0 +1,23 @@
+"""LLM-QAT data-free generation, one shard per GPU: the full-precision model writes its own training data.
+
+    CUDA_VISIBLE_DEVICES=i python generate_data.py i [--model PATH] [--out_dir gen_data] ...
+Writes <out_dir>/gen.chunk.XX.jsonl; rerun the same command to complete an interrupted shard.
+All shards on all GPUs: sh run_generate.sh. Every flag: python generate_data.py --help.
+"""
+import logging
+import sys
+
+from utils.errors import InputError
+from utils.generate import generate_shard, parse_args
+
+
+def main(argv=None):
+    try:
+        generate_shard(parse_args(argv))
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    main()

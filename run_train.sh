@@ -47,9 +47,9 @@ else
 fi
 FSDP=""
 [ "$NPROC" -gt 1 ] && FSDP="full_shard auto_wrap"
-# The paper's recipe; the embedded model only needs a shorter block (its context) and more steps' worth of lr.
-RECIPE="--model_max_length 2048 --learning_rate 2e-5 --per_device_train_batch_size 1"
-[ "$MODEL" = "$EMBEDDED" ] && RECIPE="--model_max_length 256 --learning_rate 2e-4 --per_device_train_batch_size 4"
+# The paper's recipe; the embedded model (256-token training context) takes shorter blocks, 4 per batch.
+RECIPE="--model_max_length 2048 --per_device_train_batch_size 1"
+[ "$MODEL" = "$EMBEDDED" ] && RECIPE="--model_max_length 256 --per_device_train_batch_size 4"
 
 if [ "$NPROC" -gt 1 ]; then
   LAUNCH="$PYTHON -m torch.distributed.run --standalone --nproc_per_node $NPROC"
@@ -70,6 +70,6 @@ exec $LAUNCH train.py \
   --gradient_accumulation_steps 1 \
   --eval_strategy no \
   --save_strategy steps --save_steps 2000 --save_total_limit 1 \
-  --weight_decay 0. --warmup_ratio 0. --lr_scheduler_type cosine \
+  --learning_rate 2e-5 --weight_decay 0. --warmup_steps 0 --lr_scheduler_type cosine \
   --logging_steps 1 --report_to tensorboard \
   "$@"

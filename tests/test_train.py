@@ -13,7 +13,8 @@ from models.quant_model import load_model
 from models.utils_quant import QuantizeLinear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT = ["--model_max_length", "64", "--max_train_samples", "48", "--max_eval_samples", "8"]
+# 64-token blocks; 4 training blocks = one global batch, repeated every step, so the loss must fall
+SHORT = ["--model_max_length", "64", "--max_train_samples", "4", "--max_eval_samples", "8", "--learning_rate", "1e-4"]
 
 
 def run(cmd, out, env=None, check=True):
@@ -34,7 +35,7 @@ def one_proc(tmp_path_factory):
     """W4-A8-KV4 with KD, 1 process, file order (comparable with the 2-process run below)."""
     out = tmp_path_factory.mktemp("one")
     proc = run(["sh", "run_train.sh", "4", "8", "4", *SHORT, "--shuffle", "False", "--per_device_train_batch_size",
-                "4", "--max_steps", "12", "--learning_rate", "1e-3"], out)
+                "4", "--max_steps", "12"], out)
     return out, proc
 
 
@@ -42,7 +43,7 @@ def one_proc(tmp_path_factory):
 def two_proc(tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
     proc = run(["sh", "run_train.sh", "4", "8", "4", *SHORT, "--shuffle", "False", "--per_device_train_batch_size",
-                "2", "--max_steps", "12", "--learning_rate", "1e-3"], out, env={"NPROC": "2"})
+                "2", "--max_steps", "12"], out, env={"NPROC": "2"})
     return out, proc
 
 
@@ -57,7 +58,7 @@ def test_qat_kd_run_saves_a_quantized_student_and_loss_drops(one_proc):
     assert type(model.model.layers[0].self_attn.k_proj) is QuantizeLinear
     assert model.model.layers[0].self_attn.k_proj.out_bits == 4
     loss = losses(out, "W4A8KV4")
-    assert len(loss) == 12 and sum(loss[-3:]) < 0.7 * sum(loss[:3]), loss
+    assert len(loss) == 12 and max(loss[-3:]) < 0.6 * loss[0], loss
     assert glob.glob(f"{out}/runs/current/events.out.tfevents.*")
     ppl = json.load(open(model_dir / "eval_results.json"))["perplexity"]
     assert 1 < ppl < 200, ppl
@@ -73,7 +74,7 @@ def test_fsdp_two_processes_really_shard_and_match_one_process(one_proc, two_pro
     assert all(0.4 * full < local < 0.6 * full for local, _ in held)
     assert "holds %d of %d" % (full, full) in proc1.stdout + proc1.stderr  # 1 process holds everything
     loss = losses(out2, "W4A8KV4")
-    assert sum(loss[-3:]) < 0.7 * sum(loss[:3]), loss
+    assert max(loss[-3:]) < 0.6 * loss[0], loss
     w1 = load_file(out1 / "models" / "W4A8KV4" / "model.safetensors")
     w2 = load_file(out2 / "models" / "W4A8KV4" / "model.safetensors")
     assert w1.keys() == w2.keys()
@@ -86,7 +87,8 @@ def test_fsdp_two_processes_really_shard_and_match_one_process(one_proc, two_pro
 def test_use_kd_false_trains_on_next_token_loss(tmp_path):
     run(["sh", "run_train.sh", "8", "8", "8", *SHORT, "--use_kd", "False", "--max_steps", "6"], tmp_path)
     loss = losses(tmp_path, "W8A8KV8")
-    assert all(2 < x < 10 for x in loss), loss  # a cross-entropy, not 0.0 or NaN as in the original
+    # a next-token cross-entropy (ln of a perplexity ~30 at the start), not 0.0 or NaN as in the original
+    assert 2 < loss[0] < 5 and 0.5 < loss[-1] < loss[0], loss
     ppl = json.load(open(tmp_path / "models" / "W8A8KV8" / "eval_results.json"))["perplexity"]
     assert 1 < ppl < 200, ppl
 

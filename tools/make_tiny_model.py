@@ -196,7 +196,7 @@ def perplexity(model, ids, batch_size=16):
 
 
 @torch.no_grad()
-def sample_text(model, tok, prompt="ROMEO.\n", n=80):
+def sample_text(model, tok, prompt="HAMLET.\nTo be, or not to be", n=40):
     x = tok(prompt, return_tensors="pt")["input_ids"]
     out = model.generate(x, max_new_tokens=n, do_sample=False)
     return tok.decode(out[0], skip_special_tokens=True)
@@ -243,7 +243,7 @@ Held-out perplexity (BOS-prefixed chunks concatenated, non-overlapping {SEQ_LEN}
 | untrained (same init, seed {info['seed']}) | {info['ppl_init']:.1f} |
 | trained | {info['ppl_trained']:.2f} |
 
-Greedy sample from `ROMEO.\\n`:
+Greedy sample (40 new tokens) from `HAMLET.\\nTo be, or not to be`:
 
 ```
 {info['sample']}

@@ -66,7 +66,12 @@ class TrainingArguments(transformers.TrainingArguments):
     save_steps: float = field(default=2000)
     save_total_limit: int = field(default=1)
 
+    warmup_ratio: float = field(default=None, metadata={"help": "The original's flag (transformers 5 folded it "
+                                                                   "into --warmup_steps, where a value < 1 is a ratio)"})
+
     def __post_init__(self):
+        if self.warmup_ratio is not None:
+            self.warmup_steps = self.warmup_ratio
         if self.fsdp_transformer_layer_cls_to_wrap:
             cfg = dict(self.fsdp_config or {}) if not isinstance(self.fsdp_config, str) else self.fsdp_config
             if isinstance(cfg, dict):

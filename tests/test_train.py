@@ -3,10 +3,12 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from models.quant_model import load_model
@@ -149,3 +151,25 @@ def test_run_train_chunk_reads_live_shards(tmp_path):
     proc = run(["sh", "run_train_chunk.sh", "4", "8", "4"], tmp_path / "out2", env={"GEN_DIR": str(empty)},
                check=False)
     assert proc.returncode == 1 and "no shards" in proc.stderr
+
+
+def test_qat_false_is_the_unquantized_control(tmp_path):
+    run(["sh", "run_train.sh", "4", "8", "4", *SHORT, "--qat", "False", "--max_steps", "2", "--do_eval", "False"],
+        tmp_path)
+    model_dir = tmp_path / "models" / "W32A32KV32"
+    assert "w_bits" not in json.load(open(model_dir / "config.json"))
+    assert type(load_model(str(model_dir)).model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
+    args = ["sh", "run_train.sh", "4", "8", "4", *SHORT, "--max_steps", "4", "--save_steps", "2",
+            "--save_total_limit", "2", "--do_eval", "False"]
+    run(args, tmp_path)
+    ckpts = tmp_path / "checkpoints" / "W4A8KV4"
+    shutil.rmtree(ckpts / "checkpoint-4")  # as if killed between step 2 and the end
+    shutil.rmtree(tmp_path / "models")
+    proc = run(args, tmp_path)
+    assert f"resuming from {ckpts}/checkpoint-2" in proc.stderr
+    state = json.load(open(ckpts / "checkpoint-4" / "trainer_state.json"))
+    assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    assert (tmp_path / "models" / "W4A8KV4" / "model.safetensors").exists()

@@ -19,6 +19,7 @@ W=$1 A=$2 KV=$3; shift 3
 PYTHON=${PYTHON:-python}
 EMBEDDED=assets/tiny_llama
 MODEL=${MODEL:-$EMBEDDED}
+[ -f "$MODEL/config.json" ] || { echo "error: MODEL=$MODEL is not a local Hugging Face model directory (no config.json)" >&2; exit 1; }
 OUTPUT=${OUTPUT:-output}
 if [ -z "$TRAIN_DATA" ]; then
   TRAIN_DATA=gen_data/all_gen.jsonl

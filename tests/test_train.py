@@ -112,8 +112,11 @@ def test_run_train_usage(tmp_path):
 def test_missing_model_path_is_one_error_line(tmp_path):
     proc = run(["sh", "run_train.sh", "4", "8", "4"], tmp_path / "out", env={"MODEL": str(tmp_path / "nope")},
                check=False)
-    assert proc.returncode == 1
-    assert "error: --input_model_filename" in proc.stderr and "no config.json" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: MODEL={tmp_path}/nope is not a local Hugging " \
+        "Face model directory (no config.json)"
+    proc = run([sys.executable, "train.py", "--input_model_filename", str(tmp_path / "nope"), "--local_dir",
+                str(tmp_path / "out")], tmp_path, check=False)
+    assert proc.returncode == 1 and "error: --input_model_filename" in proc.stderr and "no config.json" in proc.stderr
     assert not (tmp_path / "out" / "models").exists()
 
 

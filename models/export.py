@@ -29,14 +29,13 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from models.packing import pack, packed_words, unpack
 from models.quant_model import decoder_layers, is_quantized_config, load_model, quantize_model
-from models.utils_quant import CLIP_VAL, QuantizeLinear, SymQuantizer, quantize_act, quantize_weight
+from models.utils_quant import QuantizeLinear, quantize_weight
 from utils.errors import InputError
 
 SAMPLE_TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
@@ -94,13 +93,10 @@ class PackedQuantizeLinear(QuantizeLinear):
             return q / (1 / self.weight_scale).float()
         return (q - zero_point(self.w_bits)) * self.weight_scale.float()  # a/2 or 2 mean|w|: exact in fp32
 
-    def forward(self, input):
-        # QuantizeLinear.forward, with the weight dequantized from its codes instead of fake-quantized
-        input = quantize_act(input, self.a_bits, self.symmetric, self.act_layerwise)
-        out = F.linear(input, self.dequantized_weight().to(input.dtype), self.bias)
-        if self.out_bits < 32:
-            out = SymQuantizer.apply(out, CLIP_VAL, self.out_bits, False)
-        return out
+    def quantized_weight(self, dtype=None):
+        # QuantizeLinear.forward then quantizes the input and the output (KV) exactly as in training
+        weight = self.dequantized_weight()
+        return weight if dtype is None else weight.to(dtype)
 
 
 def compressed_tensors_config(bits):

@@ -106,6 +106,9 @@ def load_model(path, dtype=torch.float32, **kwargs):
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
         raise FileNotFoundError(f"model path {path!r} is not a Hugging Face model directory (no config.json)") from e
+    if hasattr(config, "llmqat_export"):  # packed integer weights written by export.py
+        from models.export import load_exported
+        return load_exported(path)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
     if is_quantized_config(config):
         quantize_model(model, config.w_bits, config.a_bits, config.kv_bits, getattr(config, "kv_post_rope", False))

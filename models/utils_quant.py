@@ -6,11 +6,17 @@ tensor on every call (absmax, dynamic); nothing besides the weights themselves i
 
 Bit widths: 32 means "not quantized"; 16 is a real (nearly lossless) 16-bit fake quantization.
 """
+import functools
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 CLIP_VAL = (-2.0, 2.0)  # gradient is zeroed where the quantizer input lies outside (-2, 2)
+# CUDA tensors go through the fused Triton kernels (models/kernels.py); LLMQAT_TRITON=0, or setting this
+# flag to False, runs the PyTorch reference on GPUs too (A/B checks). CPU tensors always use the reference.
+USE_TRITON = os.environ.get("LLMQAT_TRITON", "1") != "0"
 
 
 def _ste_mask(input, clip_val):
@@ -19,11 +25,48 @@ def _ste_mask(input, clip_val):
     return (input > lo) & (input < hi)
 
 
-def _absmax(x, layerwise):
-    """Per-row (last dim) absmax, or one scalar for the whole tensor when layerwise."""
-    if layerwise:
-        return x.abs().amax()
-    return x.abs().amax(dim=-1, keepdim=True)
+@functools.cache
+def _triton_kernels():
+    try:
+        from models import kernels
+    except ImportError:  # no triton (a CPU-only install): the reference everywhere
+        return None
+    return kernels
+
+
+def _kernels_for(x, layerwise=False):
+    kernels = _triton_kernels() if USE_TRITON and x.is_cuda and not layerwise else None
+    return kernels if kernels is not None and x.shape[-1] <= kernels.MAX_COLS else None
+
+
+def sym_quant(x, num_bits, clip_val=CLIP_VAL, layerwise=False, out_dtype=None):
+    """SymQuantizer's forward: (q, STE mask), q in out_dtype (default x.dtype).
+
+    Fused Triton kernel for CUDA tensors (bit-packed mask, 1 bit/element), else the PyTorch reference
+    (bool mask, or None on CPU when nothing is clipped); both give the same q bit for bit."""
+    kernels = _kernels_for(x, layerwise)
+    if kernels is not None:
+        return kernels.sym_quant(x, num_bits, clip_val, out_dtype)
+    xf = x.float()
+    a = xf.abs()
+    lo, hi = (float(c) for c in clip_val)
+    mask = a < hi if lo == -hi else _ste_mask(x, clip_val)  # |x| < c: one pass instead of three
+    if x.device.type == "cpu" and mask.all():  # nothing clipped (as for weights, |w| < 2): keep no mask
+        mask = None
+    s = (2 ** (num_bits - 1) - 1) / ((a.amax() if layerwise else a.amax(dim=-1, keepdim=True)) + 1e-6)
+    q = torch.mul(xf, s, out=a).round_().div_(s + 1e-6)  # reuse |x|'s buffer: no new temporaries
+    return q.to(out_dtype or x.dtype), mask
+
+
+def ste_grad(grad, mask, dtype):
+    """Straight-through gradient grad * mask for any mask format, in dtype (the quantizer input's)."""
+    if mask is None:
+        return grad
+    if mask.dtype == torch.bool:
+        # the uint8 view multiplies the same 0/1 but vectorized (a bool operand is ~2x slower on CPUs);
+        # autograd casts the result to the input's dtype if it differs
+        return grad * mask.view(torch.uint8)
+    return _triton_kernels().ste_grad(grad, mask, dtype)
 
 
 class SymQuantizer(torch.autograd.Function):
@@ -31,20 +74,20 @@ class SymQuantizer(torch.autograd.Function):
 
     s = (2^(b-1) - 1) / (max|x| + 1e-6);  q = round(x * s) / (s + 1e-6)
     Backward: straight-through, zeroed where x <= clip_val[0] or x >= clip_val[1].
-    Computed in float32 and cast back to the input dtype.
+    Computed in float32 and cast back to the input dtype, or written straight in out_dtype.
     """
 
     @staticmethod
-    def forward(ctx, input, clip_val, num_bits, layerwise):
-        ctx.save_for_backward(_ste_mask(input, clip_val))
-        x = input.float()
-        s = (2 ** (num_bits - 1) - 1) / (_absmax(x, layerwise) + 1e-6)
-        return torch.round(x * s).div(s + 1e-6).to(input.dtype)
+    def forward(ctx, input, clip_val, num_bits, layerwise, out_dtype=None):
+        q, mask = sym_quant(input, num_bits, clip_val, layerwise, out_dtype)
+        ctx.save_for_backward(mask)
+        ctx.input_dtype = input.dtype
+        return q
 
     @staticmethod
     def backward(ctx, grad_output):
         (mask,) = ctx.saved_tensors
-        return grad_output * mask, None, None, None
+        return ste_grad(grad_output, mask, ctx.input_dtype), None, None, None, None
 
 
 class AsymQuantizer(torch.autograd.Function):
@@ -67,7 +110,10 @@ class AsymQuantizer(torch.autograd.Function):
         q = torch.round((x - beta) / alpha * levels).div(levels)
         return (q * alpha + beta).to(input.dtype)
 
-    backward = SymQuantizer.backward
+    @staticmethod
+    def backward(ctx, grad_output):
+        (mask,) = ctx.saved_tensors
+        return ste_grad(grad_output, mask, None), None, None, None
 
 
 def _ste(w, q):
@@ -75,12 +121,14 @@ def _ste(w, q):
     return w + (q - w).detach()
 
 
-def quantize_weight(weight, w_bits, layerwise=False):
-    """Fake-quantize a [out, in] weight per output channel (row), or per tensor when layerwise."""
+def quantize_weight(weight, w_bits, layerwise=False, dtype=None):
+    """Fake-quantize a [out, in] weight per output channel (row), or per tensor when layerwise.
+
+    dtype: the >= 3-bit result is written straight in it (autocast's compute dtype: one pass, no fp32 copy)."""
     if w_bits >= 32:
         return weight
     if w_bits >= 3:
-        return SymQuantizer.apply(weight, CLIP_VAL, w_bits, layerwise)
+        return SymQuantizer.apply(weight, CLIP_VAL, w_bits, layerwise, dtype)
     w = weight.detach().float()
     mean_abs = w.abs().mean() if layerwise else w.abs().mean(dim=-1, keepdim=True)
     if w_bits == 2:
@@ -94,12 +142,15 @@ def quantize_weight(weight, w_bits, layerwise=False):
     return _ste(weight, q.to(weight.dtype))
 
 
-def quantize_act(x, bits, symmetric=True, layerwise=False):
-    """Fake-quantize activations per token (last dim). Off for bits <= 2 and bits >= 32, as in the paper."""
+def quantize_act(x, bits, symmetric=True, layerwise=False, dtype=None):
+    """Fake-quantize activations per token (last dim). Off for bits <= 2 and bits >= 32, as in the paper.
+
+    dtype: as in quantize_weight (symmetric only)."""
     if bits <= 2 or bits >= 32:
         return x
-    quantizer = SymQuantizer if symmetric else AsymQuantizer
-    return quantizer.apply(x, CLIP_VAL, bits, layerwise)
+    if not symmetric:
+        return AsymQuantizer.apply(x, CLIP_VAL, bits, layerwise)
+    return SymQuantizer.apply(x, CLIP_VAL, bits, layerwise, dtype)
 
 
 class QuantizeLinear(nn.Linear):
@@ -116,9 +167,16 @@ class QuantizeLinear(nn.Linear):
         self.symmetric = symmetric
         self.act_layerwise, self.weight_layerwise = act_layerwise, weight_layerwise
 
+    def quantized_weight(self, dtype=None):
+        """The fake-quantized weight (in dtype if given); an exported model dequantizes its codes here."""
+        return quantize_weight(self.weight, self.w_bits, self.weight_layerwise, dtype)
+
     def forward(self, input):
-        weight = quantize_weight(self.weight, self.w_bits, self.weight_layerwise)
-        input = quantize_act(input, self.a_bits, self.symmetric, self.act_layerwise)
+        # Under autocast F.linear would cast both operands: quantize straight into the compute dtype instead.
+        device = input.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        weight = self.quantized_weight(dtype)
+        input = quantize_act(input, self.a_bits, self.symmetric, self.act_layerwise, dtype)
         out = F.linear(input, weight, self.bias)
         if self.out_bits < 32:
             out = SymQuantizer.apply(out, CLIP_VAL, self.out_bits, False)

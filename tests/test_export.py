@@ -169,6 +169,7 @@ def test_export_every_width_matches_the_qat_model(tmp_path, tokenizer, bits, kv_
 
     # the match is not trivial: without activation and KV quantization the logits move
     exported = load_exported(tmp_path / "out")
+    assert type(load_model(str(tmp_path / "out")).model.layers[0].mlp.up_proj) is PackedQuantizeLinear
     ids = torch.arange(3, 40).view(1, -1)
     with torch.no_grad():
         reference = exported(ids).logits

@@ -6,13 +6,50 @@ from transformers import Trainer
 from utils.fsdp import CpuFsdpMixin, ShardReport
 
 
-def kd_loss(student_logits, teacher_logits):
+KD_CHUNK_ELEMENTS = 2**23  # tokens per chunk x vocab: each fp32 temporary of the loss stays ~32 MB
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Sum over tokens of KL(softmax(teacher) || softmax(student)), one chunk of tokens at a time.
+
+    The gradient w.r.t. the student logits, softmax(student) - softmax(teacher), is computed in the same
+    pass and kept in the logits' dtype: no fp32 [tokens, vocab] tensor ever exists in full, the logits
+    need not outlive the forward, and the backward is one multiply."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows):
+        vocab = student.shape[-1]
+        s, t = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
+        loss = torch.zeros((), dtype=torch.float32, device=student.device)
+        for i in range(0, s.shape[0], rows):
+            log_s = F.log_softmax(s[i:i + rows].float(), dim=-1)
+            log_t = F.log_softmax(t[i:i + rows].float(), dim=-1)
+            loss += F.kl_div(log_s, log_t, reduction="sum", log_target=True)
+            if grad is not None:
+                grad[i:i + rows] = log_s.exp_() - log_t.exp_()
+        ctx.save_for_backward(grad)
+        ctx.shape = student.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).view(ctx.shape), None, None
+
+
+def kd_loss(student_logits, teacher_logits, chunked=True):
     """KL(softmax(teacher) || softmax(student)) over the vocabulary, no temperature, computed in fp32.
 
     reduction="batchmean" on [batch, seq, vocab]: summed over tokens and divided by the batch size,
-    exactly as the original code (so the scale grows with the sequence length)."""
-    return F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
-                    reduction="batchmean", log_target=True)
+    exactly as the original code (so the scale grows with the sequence length).
+    chunked (default): the same loss and gradient as the plain F.kl_div formula (chunked=False) to fp
+    rounding, without its full-size fp32 log-softmaxes; the teacher is a constant (no gradient)."""
+    if not chunked or teacher_logits.requires_grad:
+        return F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
+                        reduction="batchmean", log_target=True)
+    rows = max(1, KD_CHUNK_ELEMENTS // student_logits.shape[-1])
+    return _ChunkedKL.apply(student_logits, teacher_logits, rows) / student_logits.shape[0]
 
 
 class KDTrainer(CpuFsdpMixin, Trainer):

@@ -107,5 +107,6 @@ def merge_shards(args):
         os.unlink(tmp)
         raise
     notes = [f"{n} {what}" for n, what in ((bad, "bad lines skipped"), (duplicates, "duplicates dropped")) if n]
-    print(f"wrote {len(texts)} lines from {len(paths)} shards to {args.out}" + (f" ({', '.join(notes)})" if notes else ""))
+    print(f"wrote {len(texts)} lines from {len(paths)} shards to {args.out}"
+          + (f" ({', '.join(notes)})" if notes else ""))
     return len(texts)

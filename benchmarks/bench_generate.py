@@ -1,0 +1,102 @@
+"""Benchmark of data-free generation: the original loop against utils.generate, side by side.
+
+Original: one sequence at a time, model.generate(input_ids, do_sample=False, max_length=j) for the
+greedy prefix, then model.generate(outputs, do_sample=True, max_length=max_length), each line appended
+to a file. Ours: batched, KV cache, ended rows dropped (generate_data.py's code path). Same model,
+dtype, start ids, prefix lengths and max_length. The last line is `speedup <X>x` (tokens/s ratio).
+
+    python benchmarks/bench_generate.py [--model assets/tiny_llama] [--num_ids 128] [--max_length 128]
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.generate import (EMBEDDED_MODEL, Sampling, ShardFile, default_batch_size, eos_token_ids,  # noqa: E402
+                            load_model, plan_batches, write_sequences)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=EMBEDDED_MODEL)
+    p.add_argument("--first_id", type=int, default=100, help="start ids first_id .. first_id+num_ids-1")
+    p.add_argument("--num_ids", type=int, default=128)
+    p.add_argument("--prefix_lengths", type=int, nargs="+", default=[3, 4, 5])
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=None, help="ours (default: generate_data.py's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, both sides (default: torch's)")
+    return p.parse_args()
+
+
+def original(model, tokenizer, ids, prefix_lengths, max_length, out_file):
+    """The original generate_data.py loop; returns the generated token count."""
+    tokens = 0
+    for j in prefix_lengths:
+        for i in ids:
+            input_ids = torch.tensor([[i]], device=model.device)
+            outputs = model.generate(input_ids, do_sample=False, max_length=j)
+            outputs = model.generate(outputs, do_sample=True, max_length=max_length)
+            tokens += outputs.shape[1] - 1
+            text = tokenizer.batch_decode(outputs, skip_special_tokens=True)[0]
+            with open(out_file, "a") as f:
+                f.write(json.dumps({"text": text}) + "\n")
+    return tokens
+
+
+def ours(model, tokenizer, ids, prefix_lengths, max_length, batch_size, seed, out_dir):
+    """generate_data.py's path for these ids; returns the generated token count."""
+    shard_file = ShardFile(out_dir, 0)
+    done = shard_file.open({(i, j) for j in prefix_lengths for i in ids}, {})
+    try:
+        _, tokens = write_sequences(model, tokenizer, shard_file, plan_batches(ids, prefix_lengths, batch_size), done,
+                                    max_length, seed, Sampling.of(model.generation_config), eos_token_ids(model),
+                                    desc="batched")
+    finally:
+        shard_file.close()
+    return tokens
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    tokens = fn(*args)
+    return tokens, time.perf_counter() - start
+
+
+def main():
+    args = parse_args()
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_model(args.model, args.dtype)
+    max_length = min(args.max_length, model.config.max_position_embeddings)
+    ids = list(range(args.first_id, args.first_id + args.num_ids))
+    n = len(ids) * len(args.prefix_lengths)
+    batch_size = min(args.batch_size or default_batch_size(model, max_length), n)
+    print(f"model {args.model} ({model.dtype} on {model.device}, {torch.get_num_threads()} threads): "
+          f"{len(ids)} start ids x prefix lengths {args.prefix_lengths} = {n} sequences, max_length {max_length}")
+    with tempfile.TemporaryDirectory() as tmp:
+        original(model, tokenizer, ids[:1], [3], 8, os.path.join(tmp, "warmup.jsonl"))  # first-call costs, both
+        ours(model, tokenizer, ids[:2], [3], 8, 2, args.seed, os.path.join(tmp, "warmup"))
+        t_orig, s_orig = timed(original, model, tokenizer, ids, args.prefix_lengths, max_length,
+                               os.path.join(tmp, "original.jsonl"))
+        t_ours, s_ours = timed(ours, model, tokenizer, ids, args.prefix_lengths, max_length, batch_size, args.seed,
+                               os.path.join(tmp, "ours"))
+    for name, tokens, seconds in (("original (one sequence at a time)", t_orig, s_orig),
+                                  (f"batched (batch size {batch_size})", t_ours, s_ours)):
+        print(f"{name:36s} {n} sequences, {tokens} tokens in {seconds:.1f} s: {tokens / seconds:.0f} tokens/s")
+    print(f"speedup {(t_ours / s_ours) / (t_orig / s_orig):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

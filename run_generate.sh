@@ -1,0 +1,75 @@
+#!/bin/sh
+# LLM-QAT data-free generation on every visible GPU:  sh run_generate.sh [NUM_SHARDS] [generate_data.py args]
+# NUM_SHARDS shards (default: one per visible GPU, or 1 without GPU) split the whole vocabulary between them
+# (--num_shards), unless the args give --n_vocab (the original's split: shard i owns [i*n_vocab, (i+1)*n_vocab)).
+# GPUs: shard i runs on visible GPU i mod G (CUDA_VISIBLE_DEVICES), one process per GPU at a time.
+# No GPU: all NUM_SHARDS shards at once on CPU, the cores shared between them (OMP_NUM_THREADS).
+# Environment: PYTHON (default python), LOG_DIR (per-shard logs, default gen_data/logs).
+# Waits for every shard; exit 1 naming the shards that failed. A rerun completes unfinished shards.
+cd "$(dirname "$0")" || exit 1
+PYTHON=${PYTHON:-python}
+LOG_DIR=${LOG_DIR:-gen_data/logs}
+NGPU=$($PYTHON -c "import torch; print(torch.cuda.device_count())") || exit 1
+
+case "$1" in
+  [0-9]*)
+    case "$1" in *[!0-9]*) echo "error: NUM_SHARDS $1 is not allowed; use a positive integer" >&2; exit 1 ;; esac
+    [ "$1" -ge 1 ] || { echo "error: NUM_SHARDS $1 is not allowed; use a positive integer" >&2; exit 1; }
+    N=$1; shift ;;
+  *) if [ "$NGPU" -gt 0 ]; then N=$NGPU; else N=1; fi ;;
+esac
+SPLIT="--num_shards $N"
+for arg in "$@"; do
+  case "$arg" in --n_vocab|--n_vocab=*) SPLIT="" ;; esac
+done
+
+mkdir -p "$LOG_DIR" || exit 1
+FAILED=$(mktemp) || exit 1
+trap 'rm -f "$FAILED"' EXIT
+
+# run_shard SHARD: one shard in the foreground, its output to its log; a failure is recorded.
+run_shard() {
+  shard=$1; shift
+  log="$LOG_DIR/gen.chunk.$(printf %02d "$shard").log"
+  if $PYTHON generate_data.py "$shard" $SPLIT "$@" >"$log" 2>&1; then
+    echo "shard $shard done: $(tail -n 1 "$log")"
+  else
+    echo "$shard" >>"$FAILED"
+    echo "shard $shard FAILED: $(tail -n 1 "$log")  (log: $log)"
+  fi
+}
+
+if [ "$NGPU" -gt 0 ]; then
+  echo "$N shard(s) on $NGPU GPU(s); logs in $LOG_DIR"
+  g=0
+  while [ "$g" -lt "$NGPU" ] && [ "$g" -lt "$N" ]; do
+    # The g-th visible GPU: its entry in CUDA_VISIBLE_DEVICES when that is set.
+    if [ -n "$CUDA_VISIBLE_DEVICES" ]; then device=$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f$((g + 1))); else device=$g; fi
+    (
+      export CUDA_VISIBLE_DEVICES="$device"
+      s=$g
+      while [ "$s" -lt "$N" ]; do
+        run_shard "$s" "$@"
+        s=$((s + NGPU))
+      done
+    ) &
+    g=$((g + 1))
+  done
+else
+  CORES=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
+  THREADS=$((CORES / N)); [ "$THREADS" -ge 1 ] || THREADS=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
+  echo "$N shard(s) on CPU, $OMP_NUM_THREADS thread(s) each; logs in $LOG_DIR"
+  s=0
+  while [ "$s" -lt "$N" ]; do
+    run_shard "$s" "$@" &
+    s=$((s + 1))
+  done
+fi
+wait
+
+if [ -s "$FAILED" ]; then
+  echo "error: shard(s) $(sort -n "$FAILED" | tr '\n' ' ')failed; see their logs in $LOG_DIR" >&2
+  exit 1
+fi
+echo "all $N shard(s) done; merge them with: python merge_gen_data.py"

@@ -7,10 +7,9 @@ is written; the last line printed is `max_logit_diff <x> size_ratio <y>`. Load i
 models.export.load_exported(OUT_DIR).
 """
 import argparse
-import sys
 
 from models.export import export
-from utils.errors import InputError
+from utils.errors import cli
 
 
 def main(argv=None):
@@ -18,10 +17,7 @@ def main(argv=None):
     p.add_argument("model_dir", help="QAT checkpoint directory")
     p.add_argument("out_dir", help="where to write the packed checkpoint (must not exist, or be empty)")
     args = p.parse_args(argv)
-    try:
-        export(args.model_dir, args.out_dir)
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    cli(lambda: export(args.model_dir, args.out_dir))
 
 
 if __name__ == "__main__":

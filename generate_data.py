@@ -5,17 +5,13 @@ Writes <out_dir>/gen.chunk.XX.jsonl; rerun the same command to complete an inter
 All shards on all GPUs: sh run_generate.sh. Every flag: python generate_data.py --help.
 """
 import logging
-import sys
 
-from utils.errors import InputError
+from utils.errors import cli
 from utils.generate import generate_shard, parse_args
 
 
 def main(argv=None):
-    try:
-        generate_shard(parse_args(argv))
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    cli(lambda: generate_shard(parse_args(argv)))
 
 
 if __name__ == "__main__":

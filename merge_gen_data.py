@@ -1,16 +1,11 @@
 """Merge the generated shards into one training file: python merge_gen_data.py [--gen_dir gen_data]
 [--out gen_data/all_gen.jsonl] [--shuffle --seed S] [--dedup] [--skip_bad]. Rerunning replaces the output."""
-import sys
-
-from utils.errors import InputError
+from utils.errors import cli
 from utils.merge import merge_shards, parse_args
 
 
 def main(argv=None):
-    try:
-        merge_shards(parse_args(argv))
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    cli(lambda: merge_shards(parse_args(argv)))
 
 
 if __name__ == "__main__":

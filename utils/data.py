@@ -38,6 +38,15 @@ def expand_paths(spec):
     return paths
 
 
+def text_of(line):
+    """The 'text' of one jsonl line; ValueError unless the line is a JSON object with a string 'text'."""
+    obj = json.loads(line)
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        raise ValueError("no string 'text' field")
+    return text
+
+
 def read_texts(path):
     """Texts of one jsonl file. A last line without newline that does not parse is a line still being
     written (a live generation shard): it is skipped with a warning. Any other bad line is an error."""
@@ -48,10 +57,8 @@ def read_texts(path):
         if not line.strip():
             continue
         try:
-            text = json.loads(line)["text"]
-            if not isinstance(text, str):
-                raise TypeError("'text' is not a string")
-        except (ValueError, KeyError, TypeError) as e:
+            text = text_of(line)
+        except ValueError as e:
             if n == len(lines) and not line.endswith("\n"):
                 logger.warning("%s:%d: skipping an unfinished last line", path, n)
                 continue

@@ -12,6 +12,7 @@ import random
 import re
 import tempfile
 
+from utils.data import text_of
 from utils.errors import InputError
 
 SHARD_NAME = re.compile(r"gen\.chunk\.(\d+)\.jsonl$")
@@ -44,10 +45,8 @@ def read_texts(path, skip_bad):
                 if not line.endswith(b"\n"):
                     raise ValueError("unfinished last line (shard still being written, or its run was "
                                      "killed: rerun generate_data.py for this shard to complete it)")
-                text = json.loads(line)["text"]
-                if not isinstance(text, str):
-                    raise TypeError("'text' is not a string")
-            except (ValueError, KeyError, TypeError) as e:
+                text = text_of(line)
+            except ValueError as e:
                 if not skip_bad:
                     raise InputError(f"{path}:{n}: bad line: {e}; --skip_bad drops such lines") from None
                 bad += 1

@@ -191,12 +191,25 @@ def test_corrupt_line_inside_a_shard_is_an_error_naming_it(tiny_model, full_run,
     assert str(e.value.code).startswith(f"error: {tmp_path / 'gen.chunk.01.jsonl'}:6: ")
 
 
+def test_prefix_1_is_pure_sampling_and_prefix_max_length_pure_greedy(tiny_model):
+    """The paper's generation ablation: j = max_length never samples, j = 1 samples from the first new token."""
+    model = load_model(str(tiny_model))
+    ids, max_length = list(range(3, 35)), 24
+    greedy = dict(generate_batch(model, ids, [max_length] * 32, max_length, Sampling(), range(32), [EOS]))
+    sampled = dict(generate_batch(model, ids, [1] * 32, max_length, Sampling(), range(32), [EOS]))
+    ref = model.generate(torch.tensor(ids)[:, None], do_sample=False, max_length=max_length).tolist()
+    for row, i in enumerate(ids):
+        assert greedy[row] == ref[row][:len(greedy[row])]  # generate() pads a finished row after its EOS
+        assert len(greedy[row]) == max_length or greedy[row][-1] == EOS
+    assert sum(sampled[row][1] != ref[row][1] for row in range(32)) > 8  # argmax of the 2nd token is often not drawn
+
+
 @pytest.mark.parametrize("argv, names", [
     (["10", "--n_vocab", "40"], "shard 10: must be 0-9"),
     (["0", "--n_vocab", "0"], "--n_vocab 0"),
     (["4", "--num_shards", "4"], "shard 4: must be 0-3"),
-    (["0", "--max_length", "32", "--prefix_lengths", "3", "32"], "--prefix_lengths 32: must be 1 <= j < max_length 32"),
-    (["0", "--max_length", "100", "--prefix_lengths", "64"], "--prefix_lengths 64: must be 1 <= j < max_length 64"),
+    (["0", "--max_length", "32", "--prefix_lengths", "3", "33"], "--prefix_lengths 33: must be 1 <= j <= max_length 32"),
+    (["0", "--max_length", "100", "--prefix_lengths", "65"], "--prefix_lengths 65: must be 1 <= j <= max_length 64"),
     (["0", "--batch_size", "0"], "--batch_size 0"),
 ])
 def test_bad_arguments_one_error_line_nothing_written(tiny_model, tmp_path, argv, names):

@@ -52,7 +52,8 @@ def parse_args(argv=None):
     split.add_argument("--num_shards", type=int, default=None,
                        help="instead: shard i owns the i-th of num_shards equal slices of the vocabulary")
     p.add_argument("--prefix_lengths", type=int, nargs="+", default=[3, 4, 5],
-                   help="greedy tokens up to this length (start id included), then sampling")
+                   help="greedy tokens up to this length (start id included), then sampling; 1: pure sampling, "
+                   "max_length: pure greedy")
     p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence at most (start id included); "
                    "capped to the model's max_position_embeddings")
     p.add_argument("--batch_size", type=int, default=None, help="sequences decoded together (default: as many as "
@@ -349,8 +350,8 @@ def check_args(args, config, tokenizer):
         logger.info("--max_length %d capped to the model's max_position_embeddings %d", max_length, limit)
         max_length = limit
     for j in args.prefix_lengths:
-        if not 1 <= j < max_length:
-            raise InputError(f"--prefix_lengths {j}: must be 1 <= j < max_length {max_length}")
+        if not 1 <= j <= max_length:
+            raise InputError(f"--prefix_lengths {j}: must be 1 <= j <= max_length {max_length}")
     if len(set(args.prefix_lengths)) < len(args.prefix_lengths):
         raise InputError(f"--prefix_lengths {' '.join(map(str, args.prefix_lengths))}: a length is repeated")
     return ids, max_length

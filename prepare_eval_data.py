@@ -1,0 +1,13 @@
+"""Write the GPTQ-style perplexity sets as one-line {"text"} jsonl: python prepare_eval_data.py [--out_dir .]
+[--which wiki2 c4] [--wikitext_file wiki.test.raw | --wikitext_dir DIR] [--c4_file c4-validation...json.gz].
+Without local files it loads them from the Hugging Face hub. Rerunning replaces the outputs."""
+from utils.errors import cli
+from utils.eval_data import parse_args, prepare
+
+
+def main(argv=None):
+    cli(lambda: prepare(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

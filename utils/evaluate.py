@@ -1,0 +1,149 @@
+"""Evaluation (eval.py): perplexity over fixed windows and zero-shot tasks, for an FP model, a QAT
+checkpoint, an export, or an FP model quantized without training (RTN: --w_bits/--a_bits/--kv_bits).
+
+Perplexity: the texts of a jsonl file are tokenized (BOS before each text, as training reads them),
+concatenated and cut into non-overlapping windows of seq_len tokens; the remainder is dropped.
+ppl = exp(total NLL / predicted tokens), the first token of each window is not predicted. On
+prepare_eval_data.py's wiki2.jsonl (the test split joined by "\n\n" as one text) this is the GPTQ
+convention exactly. seq_len 2048 is the GPTQ-style figure; the original LLM-QAT evaluated 1024.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from models.quant_model import check_bits, is_quantized_config, load_model, quantize_model
+from utils.data import expand_paths, read_texts, tokenize_texts
+from utils.errors import InputError
+from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL
+
+logger = logging.getLogger("llm_qat.eval")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@torch.inference_mode()
+def perplexity(model, ids, seq_len, batch_size=1, max_windows=None, desc="perplexity"):
+    """Perplexity of token ids over non-overlapping windows of seq_len: {ppl, nll, windows, tokens}."""
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise InputError(f"{len(ids)} tokens: fewer than one window of {seq_len}")
+    windows = ids[: n * seq_len].view(n, seq_len).to(model.device)
+    nll = 0.0
+    for i in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+        batch = windows[i:i + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits
+        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+    tokens = n * (seq_len - 1)
+    return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "windows": n, "seq_len": seq_len, "tokens": tokens}
+
+
+def load_for_eval(path, w_bits=None, a_bits=None, kv_bits=None, kv_post_rope=False, dtype=torch.float32):
+    """(model, tokenizer, method, bits): bits given -> RTN of an FP model; a saved QAT model -> its own bits."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"model {path!r}: not a local Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    rtn = any(b is not None for b in (w_bits, a_bits, kv_bits))
+    if rtn and is_quantized_config(config):
+        raise InputError(f"model {path!r} is already quantized (W{config.w_bits}-A{config.a_bits}-KV{config.kv_bits}); "
+                         "--w_bits/--a_bits/--kv_bits apply to a full-precision model (the RTN baseline)")
+    if rtn:
+        bits = tuple(32 if b is None else b for b in (w_bits, a_bits, kv_bits))
+        try:
+            check_bits(*bits)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(path, dtype=dtype).to(device).eval()
+    if rtn:
+        quantize_model(model, *bits, kv_post_rope=kv_post_rope)
+        method = "RTN"
+    elif is_quantized_config(config):
+        bits, method = (config.w_bits, config.a_bits, config.kv_bits), "QAT"
+    else:
+        bits, method = (32, 32, 32), "FP"
+    return model, AutoTokenizer.from_pretrained(path), method, "-".join(map(str, bits))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="eval.py", description="Perplexity and zero-shot accuracy of an FP model, a QAT "
+                                "checkpoint, or an FP model quantized without training (RTN).")
+    p.add_argument("model", help="local HF model directory: FP, a train.py output, or an export.py output")
+    for name in ("w_bits", "a_bits", "kv_bits"):
+        p.add_argument(f"--{name}", type=int, default=None, help="quantize an FP model without training (RTN); "
+                       "an omitted width stays 32")
+    p.add_argument("--kv_post_rope", action="store_true", help="RTN: quantize keys after RoPE")
+    p.add_argument("--ppl_data", nargs="*", default=None, help="jsonl {'text'} files, one perplexity each (default: "
+                   "the held-out Shakespeare for the embedded model, else wiki2.jsonl from prepare_eval_data.py); "
+                   "none given: skip perplexity")
+    p.add_argument("--seq_len", type=int, default=2048, help="perplexity window (GPTQ-style 2048; the original "
+                   "LLM-QAT used 1024); capped at the model's max_position_embeddings")
+    p.add_argument("--max_windows", type=int, default=None, help="at most this many windows per file (c4.jsonl: 256)")
+    p.add_argument("--tasks", default=None, help="zero-shot tasks (lm-eval-harness): comma list, local tasks in "
+                   "tasks/ (shakespeare_nextline), or 'paper' for the paper's eight (needs the HF hub)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--output_json", default=None, help="also write the results here (atomically)")
+    return p.parse_args(argv)
+
+
+def default_ppl_data(model_path):
+    if os.path.realpath(model_path) == os.path.realpath(EMBEDDED_MODEL):
+        return [EMBEDDED_EVAL]
+    if os.path.isfile("wiki2.jsonl"):
+        return ["wiki2.jsonl"]
+    raise InputError("no perplexity data: pass --ppl_data FILE.jsonl (python prepare_eval_data.py writes wiki2.jsonl), "
+                     "or --ppl_data with no file to skip perplexity")
+
+
+def evaluate(args):
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise InputError(f"model {args.model!r}: not a local Hugging Face model directory (no config.json)")
+    if args.seq_len < 2:
+        raise InputError(f"--seq_len {args.seq_len}: must be >= 2")
+    ppl_files = default_ppl_data(args.model) if args.ppl_data is None else args.ppl_data
+    ppl_files = [f for spec in ppl_files for f in expand_paths(spec)]  # fail on a missing file before loading
+    tasks = []
+    if args.tasks:
+        from utils.zeroshot import resolve_tasks
+        tasks = resolve_tasks(args.tasks)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32"
+    model, tokenizer, method, bits = load_for_eval(args.model, args.w_bits, args.a_bits, args.kv_bits,
+                                                   args.kv_post_rope, DTYPES[dtype])
+    seq_len = args.seq_len
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", seq_len)
+    if seq_len > limit:
+        print(f"note: --seq_len {seq_len} > the model's max_position_embeddings {limit}: windows of {limit}")
+        seq_len = limit
+    result = {"model": args.model, "method": method, "bits": bits, "ppl": {}, "tasks": {}}
+    print(f"{args.model}: {method} W-A-KV {bits}, {dtype} on {model.device}")
+    for path in ppl_files:
+        ids = tokenize_texts(read_texts(path), tokenizer)
+        name = os.path.splitext(os.path.basename(path))[0]
+        r = result["ppl"][name] = {"path": path, **perplexity(model, ids, seq_len, args.batch_size, args.max_windows,
+                                                               desc=name)}
+        print(f"perplexity {name}: {r['ppl']:.4f}  ({r['windows']} windows of {seq_len} tokens)")
+    if tasks:
+        from utils.zeroshot import evaluate_tasks
+        result["tasks"] = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
+        for name, r in result["tasks"].items():
+            norm = "" if r.get("acc_norm") is None else f"  acc_norm {r['acc_norm']:.4f}"
+            print(f"zero-shot {name}: acc {r['acc']:.4f}{norm}  ({r['n']} docs)")
+    if args.output_json:
+        write_json(args.output_json, result)
+    return result
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)

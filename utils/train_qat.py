@@ -20,6 +20,8 @@ logger = logging.getLogger("llm_qat")
 
 def setup_logging(training_args):
     level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    if training_args.log_level != "passive":  # --log_level warning: a quiet run (reproduce_tiny.sh)
+        level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     transformers.utils.logging.set_verbosity(level)
 

@@ -1,0 +1,51 @@
+"""reproduce_tiny.sh --quick: every row, the three files, LLM-QAT 4-8-4 beating RTN 4-8-4; resume."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from utils.reproduce import BITS, rows_to_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("work")
+    proc = subprocess.run(["sh", "reproduce_tiny.sh", "--quick", "--out_dir", str(out), "--work_dir", str(work)],
+                          cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, work, proc
+
+
+def test_quick_run_writes_every_row_and_llm_qat_beats_rtn(quick):
+    out, _, _ = quick
+    rows = json.load(open(out / "tiny_table.json"))
+    assert [(r["method"], r["bits"]) for r in rows] == [(m, b) for m, b, _ in rows_to_run()]
+    assert {r["method"] for r in rows} >= {"FP", "RTN", "LLM-QAT", "QAT-real"} and {r["bits"] for r in rows} > set(BITS)
+    for r in rows:
+        assert r["ppl"] > 1 and 0 < r["acc"] < 1 and r["task_docs"] == 60
+    ppl = {(r["method"], r["bits"]): r["ppl"] for r in rows}
+    assert ppl[("LLM-QAT", "4-8-4")] < ppl[("RTN", "4-8-4")]
+    assert ppl[("RTN", "4-8-4")] > ppl[("FP", "32-32-32")]
+    trained = [r["train_tokens"] for r in rows if r["data"] != "none"]
+    assert len(trained) == 12 and len(set(trained)) == 1  # generated and real rows see the same token count
+    md = (out / "tiny_table.md").read_text()
+    assert "| LLM-QAT (pure greedy) | 4-8-4 |" in md and "recovers" in md
+    assert (out / "tiny_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_resumes_from_saved_rows_and_refuses_other_settings(quick):
+    out, work, _ = quick
+    before = (out / "tiny_table.json").read_text()
+    proc = subprocess.run(["sh", "reproduce_tiny.sh", "--quick", "--out_dir", str(out), "--work_dir", str(work)],
+                          cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and (out / "tiny_table.json").read_text() == before
+    assert proc.stdout.count("(done before)") == len(rows_to_run())
+    full = subprocess.run(["sh", "reproduce_tiny.sh", "--out_dir", str(out), "--work_dir", str(work)], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 1 and "holds a run with other settings" in full.stderr

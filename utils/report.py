@@ -1,0 +1,75 @@
+"""The reproduction's outputs: tiny_table.json (a list of rows), tiny_table.md and tiny_table.png."""
+import os
+
+from utils.evaluate import write_json
+
+METHODS = ("RTN", "LLM-QAT", "QAT-real")
+
+
+def fmt(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(rows, targets, mode, s):
+    head = ("| Method | W-A-KV | Training data | Held-out ppl ↓ | Next-line acc ↑ | acc_norm |\n"
+            "|---|---|---|---|---|---|\n")
+    line = "| {method} | {bits} | {data} | {ppl} | {acc} | {acc_norm} |\n"
+
+    def table(subset):
+        return head + "".join(line.format(**{**r, "ppl": fmt(r["ppl"]), "acc": fmt(100 * r["acc"], 1),
+                                             "acc_norm": fmt(None if r["acc_norm"] is None else 100 * r["acc_norm"], 1)})
+                              for r in subset)
+
+    main = [r for r in rows if r["method"] in ("FP", *METHODS)]
+    ablation = [r for r in rows if r["bits"] == "4-8-4" and r["method"] not in ("FP", "RTN", "QAT-real")]
+    ablation += [r for r in rows if r["bits"] == "4-8-4" and r["method"] == "QAT-real"]
+    rec, ratio = targets["recovered_gap_4-8-4"], targets["llm_qat_8-8-8_over_fp"]
+    return (f"# LLM-QAT at small scale: the embedded 4M-parameter LLaMA ({mode} run)\n\n"
+            f"Trained rows: {s['blocks']} blocks of 256 tokens x {s['epochs']} epoch(s), batch 4, lr {s['lr']}, "
+            "KD from the FP model. Held-out ppl: windows of 256 tokens over three plays never seen in training"
+            + ("" if not s["eval_windows"] else f" (the first {s['eval_windows']})") +
+            "; next-line acc: zero-shot 4-way choice of the true next line (local lm-eval task "
+            f"shakespeare_nextline{'' if not s['limit'] else ', first ' + str(s['limit']) + ' questions'}).\n\n"
+            + table(main) +
+            "\n## Ablations at W4-A8-KV4 (same token count)\n\n" + table(ablation) +
+            "\n## Targets\n\n"
+            f"- LLM-QAT 4-8-4 recovers {fmt(None if rec is None else 100 * rec, 1)}% of the perplexity gap RTN 4-8-4 "
+            f"opens against FP (target: at least 70%).\n"
+            f"- LLM-QAT 8-8-8 perplexity is {fmt(100 * (ratio - 1), 2)}% above FP (target: within 3%).\n")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bits = list(dict.fromkeys(r["bits"] for r in rows if r["method"] in METHODS))
+    fp = next(r for r in rows if r["method"] == "FP")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, label, scale in ((axes[0], "ppl", "held-out perplexity (lower is better)", 1),
+                                  (axes[1], "acc", "next-line accuracy % (higher is better)", 100)):
+        width = 0.8 / len(METHODS)
+        for k, method in enumerate(METHODS):
+            vals = [scale * next(r[key] for r in rows if r["method"] == method and r["bits"] == b) for b in bits]
+            ax.bar([i + (k - 1) * width for i in range(len(bits))], vals, width, label=method)
+        ax.axhline(scale * fp[key], color="black", linestyle="--", linewidth=1, label="FP")
+        ax.set_xticks(range(len(bits)), [f"W{b.replace('-', ' A', 1).replace('-', ' KV')}" for b in bits])
+        ax.set_ylabel(label)
+        values = [scale * r[key] for r in rows]
+        lo, hi = min(values), max(values)
+        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+    axes[0].legend()
+    fig.suptitle("LLM-QAT on the embedded 4M-parameter LLaMA: FP, RTN, LLM-QAT (generated data), QAT on real text")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def write_report(rows, targets, mode, s, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "tiny_table.json"), rows)
+    md = os.path.join(out_dir, "tiny_table.md")
+    with open(md + ".tmp", "w", encoding="utf-8") as f:
+        f.write(markdown(rows, targets, mode, s))
+    os.replace(md + ".tmp", md)
+    plot(rows, os.path.join(out_dir, "tiny_table.png"))

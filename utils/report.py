@@ -35,7 +35,7 @@ def markdown(rows, targets, mode, s):
             "\n## Targets\n\n"
             f"- LLM-QAT 4-8-4 recovers {fmt(None if rec is None else 100 * rec, 1)}% of the perplexity gap RTN 4-8-4 "
             f"opens against FP (target: at least 70%).\n"
-            f"- LLM-QAT 8-8-8 perplexity is {fmt(100 * (ratio - 1), 2)}% above FP (target: within 3%).\n")
+            f"- LLM-QAT 8-8-8 perplexity is {100 * (ratio - 1):+.2f}% relative to FP (target: within 3%).\n")
 
 
 def plot(rows, path):

@@ -19,9 +19,9 @@ import argparse
 import gzip
 import json
 import os
-import tempfile
 
 from utils.errors import InputError
+from utils.io import atomic_write
 
 WIKI_ROWS = 4358  # rows of the wikitext-2-raw-v1 test split (lines of wiki.test.raw)
 WIKI_DIR_FILES = ("wiki.test.raw", "wikitext-2-raw/wiki.test.raw", "wikitext-2-raw-v1/wiki.test.raw",
@@ -166,17 +166,8 @@ def joined(which, rows):
 
 def write_atomic(path, text):
     """One {"text"} line, written to a temp file (not *.jsonl, so no glob picks it up) renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"text": text}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(json.dumps({"text": text}) + "\n")
 
 
 def prepare(args):

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 from models.quant_model import check_bits, is_quantized_config, load_model, quantize_model
 from utils.data import expand_paths, read_texts, tokenize_texts
 from utils.errors import InputError
+from utils.io import atomic_write
 from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL
 
 logger = logging.getLogger("llm_qat.eval")
@@ -143,7 +144,5 @@ def evaluate(args):
 
 
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)

@@ -10,10 +10,10 @@ import json
 import os
 import random
 import re
-import tempfile
 
 from utils.data import text_of
 from utils.errors import InputError
+from utils.io import atomic_write
 
 SHARD_NAME = re.compile(r"gen\.chunk\.(\d+)\.jsonl$")
 
@@ -91,20 +91,8 @@ def merge_shards(args):
     if args.shuffle:
         random.Random(args.seed).shuffle(texts)
 
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    # Not *.jsonl, so nothing that globs the data directory picks up a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({"text": text}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(out) as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
     notes = [f"{n} {what}" for n, what in ((bad, "bad lines skipped"), (duplicates, "duplicates dropped")) if n]
     print(f"wrote {len(texts)} lines from {len(paths)} shards to {args.out}"
           + (f" ({', '.join(notes)})" if notes else ""))

@@ -2,6 +2,7 @@
 import os
 
 from utils.evaluate import write_json
+from utils.io import atomic_write
 
 METHODS = ("RTN", "LLM-QAT", "QAT-real")
 
@@ -60,16 +61,15 @@ def plot(rows, path):
     axes[0].legend()
     fig.suptitle("LLM-QAT on the embedded 4M-parameter LLaMA: FP, RTN, LLM-QAT (generated data), QAT on real text")
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def write_report(rows, targets, mode, s, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "tiny_table.json"), rows)
     md = os.path.join(out_dir, "tiny_table.md")
-    with open(md + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_write(md) as f:
         f.write(markdown(rows, targets, mode, s))
-    os.replace(md + ".tmp", md)
     plot(rows, os.path.join(out_dir, "tiny_table.png"))

@@ -20,8 +20,9 @@ import transformers
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.generate import (EMBEDDED_MODEL, Sampling, ShardFile, default_batch_size, eos_token_ids,  # noqa: E402
+from utils.generate import (Sampling, ShardFile, default_batch_size, eos_token_ids,  # noqa: E402
                             load_model, plan_batches, write_sequences)
+from utils.process_args import EMBEDDED_MODEL  # noqa: E402
 
 
 def parse_args():

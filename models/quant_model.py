@@ -21,6 +21,7 @@ from models.utils_quant import CLIP_VAL, QuantizeLinear, SymQuantizer
 logger = logging.getLogger(__name__)
 
 ALLOWED_BITS = tuple(range(1, 9)) + (16, 32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_MODULES = ("k_proj", "v_proj")
 POST_ROPE_PREFIX = "llmqat_kv_post_rope|"
 
@@ -94,6 +95,13 @@ def _use_post_rope_kv_attention(model):
     AttentionInterface.register(name, _post_rope_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     model.config._attn_implementation_internal = name
+
+
+def resolve_dtype(name):
+    """A --dtype choice: "auto" is bfloat16 on a GPU, float32 on CPU; any other name stays."""
+    if name == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    return name
 
 
 def is_quantized_config(config):

@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from models.quant_model import check_bits, is_quantized_config, load_model, quantize_model
+from models.quant_model import DTYPES, check_bits, is_quantized_config, load_model, quantize_model, resolve_dtype
 from utils.data import expand_paths, read_texts, tokenize_texts
 from utils.errors import InputError
 from utils.io import atomic_write
 from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL
 
 logger = logging.getLogger("llm_qat.eval")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @torch.inference_mode()
@@ -116,7 +115,7 @@ def evaluate(args):
     if args.tasks:
         from utils.zeroshot import resolve_tasks
         tasks = resolve_tasks(args.tasks)
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype = resolve_dtype(args.dtype)
     model, tokenizer, method, bits = load_for_eval(args.model, args.w_bits, args.a_bits, args.kv_bits,
                                                    args.kv_post_rope, DTYPES[dtype])
     seq_len = args.seq_len

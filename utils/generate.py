@@ -23,19 +23,18 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Cache
 from transformers.cache_utils import DynamicLayer
 
+from models.quant_model import DTYPES, resolve_dtype
 from utils.errors import InputError
+from utils.process_args import EMBEDDED_MODEL
 
 logger = logging.getLogger("llm_qat.generate")
 
-EMBEDDED_MODEL = str(Path(__file__).resolve().parent.parent / "assets" / "tiny_llama")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_BATCH_SIZE = 256  # the fastest of 32-256 on a 2-core CPU (embedded model); GPU memory binds first for 7B
 
 
@@ -330,9 +329,7 @@ def eos_token_ids(model):
 def load_model(path, dtype="auto"):
     """The model on the GPU if there is one, in bfloat16 there and float32 on CPU unless dtype says otherwise."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype)]).to(device).eval()
 
 
 def check_args(args, config, tokenizer):
@@ -367,7 +364,7 @@ def generate_shard(args):
     except (OSError, ValueError) as e:
         raise InputError(f"--model {args.model!r}: cannot load its tokenizer ({e})") from None
     ids, max_length = check_args(args, config, tokenizer)
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype = resolve_dtype(args.dtype)
     meta = {"model": os.path.abspath(args.model), "start_ids": [ids.start, ids.stop],
             "prefix_lengths": args.prefix_lengths, "max_length": max_length, "seed": args.seed, "dtype": dtype}
     shard_file = ShardFile(args.out_dir, args.shard)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from utils.errors import InputError
+from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ def text_of(line):
     if not isinstance(text, str):
         raise ValueError("no string 'text' field")
     return text
+
+
+def write_texts(path, texts):
+    """Texts as {"text"} jsonl lines, written atomically: readers see the old file or the whole new one."""
+    with atomic_write(path) as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
 
 
 def read_texts(path):

@@ -17,11 +17,10 @@ All sets are read before anything is written; each is written to a temporary fil
 """
 import argparse
 import gzip
-import json
 import os
 
 from utils.errors import InputError
-from utils.io import atomic_write
+from utils.data import text_of, write_texts
 
 WIKI_ROWS = 4358  # rows of the wikitext-2-raw-v1 test split (lines of wiki.test.raw)
 WIKI_DIR_FILES = ("wiki.test.raw", "wikitext-2-raw/wiki.test.raw", "wikitext-2-raw-v1/wiki.test.raw",
@@ -82,11 +81,10 @@ def json_texts(path, limit):
             if len(texts) == limit:
                 break
             if line.strip():
-                obj = json.loads(line)
-                text = obj.get("text") if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"line {n}: no string 'text' field")
-                texts.append(text)
+                try:
+                    texts.append(text_of(line))
+                except ValueError as e:
+                    raise ValueError(f"line {n}: {e}") from None
     return texts
 
 
@@ -166,8 +164,7 @@ def joined(which, rows):
 
 def write_atomic(path, text):
     """One {"text"} line, written to a temp file (not *.jsonl, so no glob picks it up) renamed into place."""
-    with atomic_write(path) as f:
-        f.write(json.dumps({"text": text}) + "\n")
+    write_texts(path, [text])
 
 
 def prepare(args):

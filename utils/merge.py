@@ -11,9 +11,8 @@ import os
 import random
 import re
 
-from utils.data import text_of
+from utils.data import text_of, write_texts
 from utils.errors import InputError
-from utils.io import atomic_write
 
 SHARD_NAME = re.compile(r"gen\.chunk\.(\d+)\.jsonl$")
 
@@ -91,8 +90,7 @@ def merge_shards(args):
     if args.shuffle:
         random.Random(args.seed).shuffle(texts)
 
-    with atomic_write(out) as f:
-        f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
+    write_texts(out, texts)
     notes = [f"{n} {what}" for n, what in ((bad, "bad lines skipped"), (duplicates, "duplicates dropped")) if n]
     print(f"wrote {len(texts)} lines from {len(paths)} shards to {args.out}"
           + (f" ({', '.join(notes)})" if notes else ""))

@@ -18,10 +18,9 @@ import time
 
 import torch
 
-from utils.data import read_texts
+from utils.data import read_texts, write_texts
 from utils.errors import InputError
 from utils.evaluate import evaluate, parse_args as eval_args, write_json
-from utils.io import atomic_write
 from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL, REPO
 
 BITS = ("4-8-4", "4-8-8", "4-16-16", "8-8-4", "8-8-8")
@@ -70,8 +69,7 @@ def real_text(work):
     if not os.path.exists(out):
         texts = read_texts(REAL_TEXT)
         random.Random(0).shuffle(texts)
-        with atomic_write(out) as f:
-            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+        write_texts(out, texts)
     return out
 
 

@@ -45,30 +45,35 @@ def perplexity(model, ids, seq_len, batch_size=1, max_windows=None, desc="perple
     return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "windows": n, "seq_len": seq_len, "tokens": tokens}
 
 
-def load_for_eval(path, w_bits=None, a_bits=None, kv_bits=None, kv_post_rope=False, dtype=torch.float32):
-    """(model, tokenizer, method, bits): bits given -> RTN of an FP model; a saved QAT model -> its own bits."""
+def eval_setting(path, w_bits=None, a_bits=None, kv_bits=None):
+    """(method, bits) of what eval.py will run, checked before any loading: bits given -> RTN of an FP
+    model; a saved QAT model -> its own bits; else FP."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"model {path!r}: not a local Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
-    rtn = any(b is not None for b in (w_bits, a_bits, kv_bits))
-    if rtn and is_quantized_config(config):
+    if all(b is None for b in (w_bits, a_bits, kv_bits)):
+        if is_quantized_config(config):
+            return "QAT", (config.w_bits, config.a_bits, config.kv_bits)
+        return "FP", (32, 32, 32)
+    if is_quantized_config(config):
         raise InputError(f"model {path!r} is already quantized (W{config.w_bits}-A{config.a_bits}-KV{config.kv_bits}); "
                          "--w_bits/--a_bits/--kv_bits apply to a full-precision model (the RTN baseline)")
-    if rtn:
-        bits = tuple(32 if b is None else b for b in (w_bits, a_bits, kv_bits))
-        try:
-            check_bits(*bits)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+    bits = tuple(32 if b is None else b for b in (w_bits, a_bits, kv_bits))
+    try:
+        check_bits(*bits)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return "RTN", bits
+
+
+def load_for_eval(path, w_bits=None, a_bits=None, kv_bits=None, kv_post_rope=False, dtype=torch.float32,
+                  setting=None):
+    """(model, tokenizer, method, bits) for eval_setting's (method, bits), passed in if already checked."""
+    method, bits = setting or eval_setting(path, w_bits, a_bits, kv_bits)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path, dtype=dtype).to(device).eval()
-    if rtn:
+    if method == "RTN":
         quantize_model(model, *bits, kv_post_rope=kv_post_rope)
-        method = "RTN"
-    elif is_quantized_config(config):
-        bits, method = (config.w_bits, config.a_bits, config.kv_bits), "QAT"
-    else:
-        bits, method = (32, 32, 32), "FP"
     return model, AutoTokenizer.from_pretrained(path), method, "-".join(map(str, bits))
 
 
@@ -105,8 +110,7 @@ def default_ppl_data(model_path):
 
 
 def evaluate(args):
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise InputError(f"model {args.model!r}: not a local Hugging Face model directory (no config.json)")
+    setting = eval_setting(args.model, args.w_bits, args.a_bits, args.kv_bits)  # fail before any work
     if args.seq_len < 2:
         raise InputError(f"--seq_len {args.seq_len}: must be >= 2")
     ppl_files = default_ppl_data(args.model) if args.ppl_data is None else args.ppl_data
@@ -116,8 +120,8 @@ def evaluate(args):
         from utils.zeroshot import resolve_tasks
         tasks = resolve_tasks(args.tasks)
     dtype = resolve_dtype(args.dtype)
-    model, tokenizer, method, bits = load_for_eval(args.model, args.w_bits, args.a_bits, args.kv_bits,
-                                                   args.kv_post_rope, DTYPES[dtype])
+    model, tokenizer, method, bits = load_for_eval(args.model, kv_post_rope=args.kv_post_rope, dtype=DTYPES[dtype],
+                                                   setting=setting)
     seq_len = args.seq_len
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", seq_len)
     if seq_len > limit:

@@ -69,12 +69,14 @@ def test_qat_kd_run_saves_a_quantized_student_and_loss_drops(one_proc):
 
 def test_fsdp_two_processes_really_shard_and_match_one_process(one_proc, two_proc):
     (out1, proc1), (out2, proc2) = one_proc, two_proc
-    held = [tuple(map(int, m)) for m in re.findall(r"rank \d/2 holds (\d+) of (\d+) ", proc2.stdout + proc2.stderr)]
-    assert len(held) == 2, proc2.stdout[-2000:]
-    full = held[0][1]
-    assert sum(local for local, _ in held) == full
-    assert all(0.4 * full < local < 0.6 * full for local, _ in held)
-    assert "holds %d of %d" % (full, full) in proc1.stdout + proc1.stderr  # 1 process holds everything
+    for role in ("student", "teacher"):  # the frozen teacher is sharded too (--shard_teacher True, the default)
+        held = [tuple(map(int, m)) for m in re.findall(rf"rank \d/2 holds (\d+) of (\d+) {role} ",
+                                                       proc2.stdout + proc2.stderr)]
+        assert len(held) == 2, proc2.stdout[-2000:]
+        full = held[0][1]
+        assert sum(local for local, _ in held) == full
+        assert all(0.4 * full < local < 0.6 * full for local, _ in held)
+        assert "holds %d of %d %s" % (full, full, role) in proc1.stdout + proc1.stderr  # 1 process holds all
     loss = losses(out2, "W4A8KV4")
     assert max(loss[-3:]) < 0.6 * loss[0], loss
     w1 = load_file(out1 / "models" / "W4A8KV4" / "model.safetensors")
@@ -84,6 +86,19 @@ def test_fsdp_two_processes_really_shard_and_match_one_process(one_proc, two_pro
     # 1e-7 difference can move a weight across a 4-bit rounding boundary, so the match is close, not exact.
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert diff < 2e-3, diff
+
+
+def test_full_teacher_on_every_rank_trains_the_identical_student(two_proc, tmp_path):
+    """--shard_teacher False (the original: a whole teacher per GPU) only costs memory: same bits out."""
+    out2, _ = two_proc
+    proc = run(["sh", "run_train.sh", "4", "8", "4", *SHORT, "--shuffle", "False", "--per_device_train_batch_size",
+                "2", "--max_steps", "12", "--shard_teacher", "False", "--do_eval", "False"], tmp_path, env={"NPROC": "2"})
+    full = re.findall(r"rank \d/2 holds (\d+) of \1 teacher ", proc.stdout + proc.stderr)
+    assert len(full) == 2, proc.stdout[-2000:]
+    assert losses(tmp_path, "W4A8KV4") == losses(out2, "W4A8KV4")
+    w_sharded = load_file(out2 / "models" / "W4A8KV4" / "model.safetensors")
+    w_full = load_file(tmp_path / "models" / "W4A8KV4" / "model.safetensors")
+    assert all(torch.equal(w_sharded[k], w_full[k]) for k in w_sharded)
 
 
 def test_use_kd_false_trains_on_next_token_loss(tmp_path):

@@ -85,11 +85,42 @@ def local_param_numel(model: torch.nn.Module) -> int:
     return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
 
 
+def shard_frozen(module, plugin, device) -> bool:
+    """FSDP2-shard a frozen module (the KD teacher) over all ranks, layer by layer like the student.
+
+    Each rank then keeps 1/N of the weights; a forward all-gathers one decoder layer at a time and frees it
+    again (reshard_after_forward, also for the root, which has no backward to wait for). The gathered
+    weights are the originals, so the outputs are bit-identical to an unsharded copy. fully_shard moves each
+    layer to the device just before splitting it: a full copy never sits on the GPU.
+    plugin: the student's FSDP plugin (None: no FSDP); needs FSDP2 (the default), else returns False and
+    leaves the module as is."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if plugin is None or plugin.fsdp_version != 2:
+        return False
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, module)  # the student's layer classes or size rule
+    units = [m for m in module.modules() if m is not module and policy is not None and policy(m)]
+    embed = module.get_input_embeddings()
+    if embed.weight is not module.get_output_embeddings().weight and embed not in units:
+        units.insert(0, embed)  # own unit: freed after the lookup instead of held through the whole forward
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    return True
+
+
 class ShardReport(TrainerCallback):
     """Logs, on every rank at the start of training, how many parameter elements that rank holds."""
 
+    def __init__(self, teacher=None):
+        self.teacher = teacher
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        full = sum(p.numel() for p in model.parameters())  # a DTensor's numel() is its global size
-        local = local_param_numel(model)
-        print(f"rank {args.process_index}/{args.world_size} holds {local} of {full} student parameter elements "
-              f"({type(model).__name__})", flush=True)
+        for name, m in (("student", model), ("teacher", self.teacher)):
+            if m is not None:
+                full = sum(p.numel() for p in m.parameters())  # a DTensor's numel() is its global size
+                print(f"rank {args.process_index}/{args.world_size} holds {local_param_numel(m)} of {full} {name} "
+                      f"parameter elements ({type(m).__name__})", flush=True)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from utils.fsdp import CpuFsdpMixin, ShardReport
+from utils.fsdp import CpuFsdpMixin, ShardReport, shard_frozen
 
 
 KD_CHUNK_ELEMENTS = 2**23  # tokens per chunk x vocab: each fp32 temporary of the loss stays ~32 MB
@@ -55,19 +55,24 @@ def kd_loss(student_logits, teacher_logits, chunked=True):
 class KDTrainer(CpuFsdpMixin, Trainer):
     """Trainer whose training loss is kd_loss_scale * KL(teacher || student).
 
-    The teacher is a plain module held beside the model: never wrapped by FSDP/DDP, never in the
-    optimizer, never saved. Without a teacher (--use_kd False) the model's own next-token loss is used.
+    The teacher is held beside the model: never in the optimizer, never saved. Under FSDP it is sharded
+    like the student (shard_teacher, default) so each GPU keeps 1/N of it; otherwise (shard_teacher=False,
+    as the original) every GPU holds a full copy. Without a teacher (--use_kd False) the model's own
+    next-token loss is used.
     Evaluation always reports the next-token loss, so eval_loss gives perplexity.
     """
 
-    def __init__(self, *args, teacher=None, kd_loss_scale=1.0, **kwargs):
+    def __init__(self, *args, teacher=None, kd_loss_scale=1.0, shard_teacher=True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_callback(ShardReport())
         self.kd_loss_scale = kd_loss_scale
         self.teacher = teacher
         if teacher is not None:
-            teacher.eval().requires_grad_(False).to(self.args.device)
+            teacher.eval().requires_grad_(False)
+            plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+            if not (shard_teacher and shard_frozen(teacher, plugin, self.args.device)):
+                teacher.to(self.args.device)
             self.loss_is_scaled_for_ga = False  # kd_loss is a per-batch value: let the Trainer divide by GA steps
+        self.add_callback(ShardReport(teacher))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None or not model.training:

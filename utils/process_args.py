@@ -26,6 +26,9 @@ class ModelArguments:
     kv_post_rope: bool = field(default=False, metadata={"help": "Quantize keys after RoPE (default: before, as the paper)"})
     use_kd: bool = field(default=True, metadata={"help": "Distill from the FP teacher (False: next-token loss)"})
     kd_loss_scale: float = field(default=1.0, metadata={"help": "Scale of the KL(teacher || student) loss"})
+    shard_teacher: bool = field(
+        default=True, metadata={"help": "Under FSDP, shard the frozen teacher like the student (1/N per GPU; same "
+                                "logits). False: a full teacher on every GPU, as the original"})
     load_dtype: str = field(
         default="float32", metadata={"help": "Dtype of the student's weights: float32 master weights (with --bf16 "
                                      "autocast), or bfloat16 as the original (pure bf16 weights and optimizer)",

@@ -73,7 +73,8 @@ def run(model_args, data_args, training_args):
     teacher = load_model(path, dtype=compute_dtype) if model_args.use_kd and training_args.do_train else None
     logger.info("student: %s", student)
 
-    trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale, args=training_args,
+    trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale,
+                        shard_teacher=model_args.shard_teacher, args=training_args,
                         train_dataset=train_data, eval_dataset=eval_data)
 
     if training_args.do_train:

@@ -104,12 +104,27 @@ def resolve_dtype(name):
     return name
 
 
+def _allocate_parameters(model):
+    """Give meta parameters uninitialized CPU storage: no RAM is used until written (untouched pages), but
+    each has its own data_ptr, by which accelerate maps the optimizer onto FSDP's sharded parameters."""
+    allocated = {}  # id -> new parameter, so tied weights stay tied
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in allocated:
+                    allocated[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                module._parameters[name] = allocated[id(p)]
+
+
 def is_quantized_config(config):
     return all(hasattr(config, k) for k in ("w_bits", "a_bits", "kv_bits"))
 
 
-def load_model(path, dtype=torch.float32, **kwargs):
-    """Load an HF causal LM; if its config carries w_bits/a_bits/kv_bits, rebuild the quantized model."""
+def load_model(path, dtype=torch.float32, empty=False, **kwargs):
+    """Load an HF causal LM; if its config carries w_bits/a_bits/kv_bits, rebuild the quantized model.
+
+    empty=True builds the same model without reading its weights (uninitialized parameters, real buffers):
+    for FSDP ranks whose weights are broadcast from rank 0."""
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
@@ -117,7 +132,14 @@ def load_model(path, dtype=torch.float32, **kwargs):
     if hasattr(config, "llmqat_export"):  # packed integer weights written by export.py
         from models.export import load_exported
         return load_exported(path)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
+    if empty:
+        from accelerate import init_empty_weights
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model.tie_weights()  # as from_pretrained does; _allocate_parameters keeps tied weights tied
+        _allocate_parameters(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
     if is_quantized_config(config):
         quantize_model(model, config.w_bits, config.a_bits, config.kv_bits, getattr(config, "kv_post_rope", False))
     return model

@@ -92,3 +92,23 @@ def test_too_short_data_is_an_error(tmp_path):
 def test_missing_path_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         expand_paths(str(tmp_path / "nothing*.jsonl"))
+
+
+@pytest.mark.parametrize("config, efficient", [
+    (None, True),  # FSDP2 by default: ranks != 0 get rank 0's weights (one copy in host RAM)
+    ('{"fsdp_cpu_ram_efficient_loading": false}', False),  # accelerate's key spelling, turned off
+    ('{"version": 1}', False),  # FSDP1: every rank loads, as the original
+    ("FILE", True),  # a JSON file, as transformers reads it; the layer class is kept
+])
+def test_fsdp_loads_weights_on_rank_0_only_unless_told_otherwise(tmp_path, config, efficient):
+    from utils.process_args import process_args
+    if config == "FILE":
+        config = str(tmp_path / "fsdp.json")
+        json.dump({"fsdp_transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}, open(config, "w"))
+    argv = ["--fsdp", "full_shard auto_wrap", "--use_cpu", "True", "--local_dir", str(tmp_path)]
+    _, _, args = process_args(argv + (["--fsdp_config", config] if config else []))
+    assert args.fsdp_plugin_args["cpu_ram_efficient_loading"] is efficient
+    if config and config.endswith(".json"):
+        assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    _, _, plain = process_args(["--use_cpu", "True", "--local_dir", str(tmp_path)])
+    assert plain.fsdp_plugin_args is None  # no FSDP, nothing added

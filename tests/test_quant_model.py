@@ -125,3 +125,20 @@ def test_bad_bits_are_rejected(bits, msg):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
         load_model(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_empty_load_has_the_structure_and_buffers_but_reads_no_weights(tmp_path, tied):
+    """FSDP ranks != 0 (load_model(empty=True)): same names, shapes, quantized layers and buffers as a real
+    load, real CPU storage for every parameter (accelerate maps the optimizer by data_ptr), ties kept."""
+    torch.manual_seed(0)
+    quantize_model(Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=tied)), 4, 8, 4).save_pretrained(tmp_path)
+    real, empty = load_model(str(tmp_path)), load_model(str(tmp_path), empty=True)
+    assert [(n, p.shape, p.dtype) for n, p in real.named_parameters()] == \
+           [(n, p.shape, p.dtype) for n, p in empty.named_parameters()]
+    assert all(p.device.type == "cpu" for p in empty.parameters())
+    assert len({p.data_ptr() for p in empty.parameters()}) == len(list(empty.parameters()))
+    assert type(empty.model.layers[0].mlp.down_proj) is QuantizeLinear and empty.config.kv_bits == 4
+    assert (empty.lm_head.weight is empty.model.embed_tokens.weight) == tied
+    real_buffers = dict(real.named_buffers())
+    assert all(torch.equal(b, real_buffers[n]) for n, b in empty.named_buffers())  # e.g. RoPE inv_freq

@@ -88,13 +88,20 @@ def test_fsdp_two_processes_really_shard_and_match_one_process(one_proc, two_pro
     assert diff < 2e-3, diff
 
 
-def test_full_teacher_on_every_rank_trains_the_identical_student(two_proc, tmp_path):
-    """--shard_teacher False (the original: a whole teacher per GPU) only costs memory: same bits out."""
-    out2, _ = two_proc
+def test_original_memory_layout_trains_the_identical_student(two_proc, tmp_path):
+    """The default 2-process run builds rank 1's models without weights (rank 0 broadcasts them) and shards
+    the teacher; the original's layout (every rank loads both, a whole teacher per rank) only costs memory:
+    the same losses and the same bits out."""
+    out2, proc2 = two_proc
+    log2 = proc2.stdout + proc2.stderr
+    assert "rank 1: building the models without weights" in log2 and "rank 0: building" not in log2
+    assert len(re.findall(r"rank \d/2 host memory peak so far: \d+ MiB", log2)) == 2
     proc = run(["sh", "run_train.sh", "4", "8", "4", *SHORT, "--shuffle", "False", "--per_device_train_batch_size",
-                "2", "--max_steps", "12", "--shard_teacher", "False", "--do_eval", "False"], tmp_path, env={"NPROC": "2"})
-    full = re.findall(r"rank \d/2 holds (\d+) of \1 teacher ", proc.stdout + proc.stderr)
-    assert len(full) == 2, proc.stdout[-2000:]
+                "2", "--max_steps", "12", "--shard_teacher", "False", "--do_eval", "False",
+                "--fsdp_config", '{"cpu_ram_efficient_loading": false}'], tmp_path, env={"NPROC": "2"})
+    log = proc.stdout + proc.stderr
+    assert "without weights" not in log
+    assert len(re.findall(r"rank \d/2 holds (\d+) of \1 teacher ", log)) == 2, log[-2000:]
     assert losses(tmp_path, "W4A8KV4") == losses(out2, "W4A8KV4")
     w_sharded = load_file(out2 / "models" / "W4A8KV4" / "model.safetensors")
     w_full = load_file(tmp_path / "models" / "W4A8KV4" / "model.safetensors")

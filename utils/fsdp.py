@@ -9,7 +9,7 @@ silently dropped, ``Trainer.is_fsdp_enabled`` (trainer.py line 875) is False, an
 ``Accelerator.prepare_model`` takes its ``MULTI_CPU`` branch (accelerator.py line 2058): plain DDP.
 ``ACCELERATE_USE_FSDP=true`` does not help (Accelerator already sets it; the gate is the type list).
 
-Fix: right after the stock ``create_accelerator_and_postprocess``, if FSDP was requested, the state is
+Fix (``promote_to_fsdp``): right after the stock ``create_accelerator_and_postprocess``, if FSDP was requested, the state is
 ``MULTI_CPU`` and world size > 1, do what accelerate does for GPUs: set ``distributed_type = FSDP`` and
 attach the plugin. Everything after that (FSDP2 ``fully_shard`` wrapping, grad clipping, FULL_STATE_DICT
 saving) is accelerate's and Trainer's own code. GPU runs never reach the promotion (their state is already FSDP).
@@ -21,6 +21,7 @@ so they are not re-done here. FSDP1 (deprecated in transformers 5.x) trains but 
 """
 
 import logging
+import resource
 
 import torch
 from transformers import TrainerCallback
@@ -28,19 +29,15 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 
-def enable_cpu_fsdp(trainer) -> bool:
+def promote_to_fsdp(accelerator, fsdp_plugin_args) -> bool:
     """Promote a MULTI_CPU accelerator state to FSDP when FSDP was requested. Returns True if it did."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    state = trainer.accelerator.state
-    if (
-        trainer.args.fsdp_plugin_args is None
-        or state.distributed_type != DistributedType.MULTI_CPU
-        or state.num_processes <= 1
-    ):
+    state = accelerator.state
+    if fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU or state.num_processes <= 1:
         return False
-    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    plugin = FullyShardedDataParallelPlugin(**fsdp_plugin_args)
     if state.mixed_precision != "no":  # same as AcceleratorState does for GPUs
         plugin.set_mixed_precision(state.mixed_precision)
     if plugin.fsdp_version == 1:
@@ -50,7 +47,6 @@ def enable_cpu_fsdp(trainer) -> bool:
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState does this too
-    trainer.is_fsdp_enabled = True
     if state.is_main_process:
         logger.warning(
             "utils.fsdp: CPU multi-process run (%s procs, backend %s): using FSDP%d instead of accelerate's DDP fallback",
@@ -69,7 +65,36 @@ class CpuFsdpMixin:
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        enable_cpu_fsdp(self)
+        if promote_to_fsdp(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
+
+
+def weights_from_rank0(args) -> bool:
+    """True on the ranks that need not read the checkpoint: FSDP2 with cpu_ram_efficient_loading, rank != 0.
+
+    They build the model without weights (parameters on the meta device) and FSDP broadcasts rank 0's weights
+    while it shards (accelerate's fsdp2_prepare_model), so host RAM holds one copy, not one per process."""
+    plugin_args = args.fsdp_plugin_args or {}
+    return (plugin_args.get("fsdp_version") == 2 and bool(plugin_args.get("cpu_ram_efficient_loading"))
+            and args.world_size > 1 and args.process_index != 0)
+
+
+def shard_frozen(module, accelerator) -> bool:
+    """FSDP2-shard a frozen module (the KD teacher) over all ranks exactly as accelerate shards the student.
+
+    Each rank keeps 1/N of the weights; a forward all-gathers one unit (decoder layer, embedding, head) at a
+    time. The gathered weights are the originals, so the outputs are bit-identical to an unsharded copy.
+    With cpu_ram_efficient_loading the weights come from rank 0 (see weights_from_rank0). Needs FSDP2
+    (the default); returns False and leaves the module as is otherwise."""
+    from accelerate.utils import DistributedType
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type != DistributedType.FSDP or plugin is None or plugin.fsdp_version != 2:
+        return False
+    fsdp2_prepare_model(accelerator, module)  # in place: trainable params only are upcast, and it has none
+    module.set_reshard_after_forward(True)  # also the root and head: there is no backward to keep them for
+    return True
 
 
 def local_param_numel(model: torch.nn.Module) -> int:
@@ -85,33 +110,6 @@ def local_param_numel(model: torch.nn.Module) -> int:
     return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
 
 
-def shard_frozen(module, plugin, device) -> bool:
-    """FSDP2-shard a frozen module (the KD teacher) over all ranks, layer by layer like the student.
-
-    Each rank then keeps 1/N of the weights; a forward all-gathers one decoder layer at a time and frees it
-    again (reshard_after_forward, also for the root, which has no backward to wait for). The gathered
-    weights are the originals, so the outputs are bit-identical to an unsharded copy. fully_shard moves each
-    layer to the device just before splitting it: a full copy never sits on the GPU.
-    plugin: the student's FSDP plugin (None: no FSDP); needs FSDP2 (the default), else returns False and
-    leaves the module as is."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    if plugin is None or plugin.fsdp_version != 2:
-        return False
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    policy = fsdp2_prepare_auto_wrap_policy(plugin, module)  # the student's layer classes or size rule
-    units = [m for m in module.modules() if m is not module and policy is not None and policy(m)]
-    embed = module.get_input_embeddings()
-    if embed.weight is not module.get_output_embeddings().weight and embed not in units:
-        units.insert(0, embed)  # own unit: freed after the lookup instead of held through the whole forward
-    for unit in units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
-    fully_shard(module, mesh=mesh, reshard_after_forward=True)
-    return True
-
-
 class ShardReport(TrainerCallback):
     """Logs, on every rank at the start of training, how many parameter elements that rank holds."""
 
@@ -119,6 +117,8 @@ class ShardReport(TrainerCallback):
         self.teacher = teacher
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: loading + sharding
+        print(f"rank {args.process_index}/{args.world_size} host memory peak so far: {peak:.0f} MiB", flush=True)
         for name, m in (("student", model), ("teacher", self.teacher)):
             if m is not None:
                 full = sum(p.numel() for p in m.parameters())  # a DTensor's numel() is its global size

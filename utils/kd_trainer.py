@@ -68,8 +68,7 @@ class KDTrainer(CpuFsdpMixin, Trainer):
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-            plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
-            if not (shard_teacher and shard_frozen(teacher, plugin, self.args.device)):
+            if not (shard_teacher and shard_frozen(teacher, self.accelerator)):
                 teacher.to(self.args.device)
             self.loss_is_scaled_for_ga = False  # kd_loss is a per-batch value: let the Trainer divide by GA steps
         self.add_callback(ShardReport(teacher))

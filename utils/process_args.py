@@ -1,4 +1,5 @@
 """Command-line arguments: the original LLM-QAT flags on top of every HF TrainingArguments flag."""
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -75,11 +76,16 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         if self.warmup_ratio is not None:
             self.warmup_steps = self.warmup_ratio
-        if self.fsdp_transformer_layer_cls_to_wrap:
-            cfg = dict(self.fsdp_config or {}) if not isinstance(self.fsdp_config, str) else self.fsdp_config
-            if isinstance(cfg, dict):
+        if self.fsdp:
+            cfg = self.fsdp_config or {}
+            if isinstance(cfg, str):  # a JSON string or a JSON file, as transformers reads it
+                cfg = json.loads(cfg) if cfg.startswith("{") else json.load(open(cfg))
+            cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}
+            if self.fsdp_transformer_layer_cls_to_wrap:
                 cfg["transformer_layer_cls_to_wrap"] = [self.fsdp_transformer_layer_cls_to_wrap]
-                self.fsdp_config = cfg
+            # one copy of the weights in host RAM, not one per process (FSDP2, the default; see utils.fsdp)
+            cfg.setdefault("cpu_ram_efficient_loading", str(cfg.get("version", 2)) == "2")
+            self.fsdp_config = cfg
         super().__post_init__()
 
 

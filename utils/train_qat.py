@@ -12,6 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from models.quant_model import check_bits, load_model, quantize_model
 from utils.data import load_blocks
+from utils.fsdp import weights_from_rank0
 from utils.errors import InputError
 from utils.kd_trainer import KDTrainer
 
@@ -67,10 +68,15 @@ def run(model_args, data_args, training_args):
         training_args.train_sampling_strategy = "sequential"
 
     compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    student = load_model(path, dtype=getattr(torch, model_args.load_dtype))
+    empty = weights_from_rank0(training_args)  # this rank gets its weights from rank 0 while FSDP shards
+    if empty:
+        logger.warning("rank %d: building the models without weights; rank 0 broadcasts them", training_args.process_index)
+    student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty)
     if model_args.qat:
         quantize_model(student, model_args.w_bits, model_args.a_bits, model_args.kv_bits, model_args.kv_post_rope)
-    teacher = load_model(path, dtype=compute_dtype) if model_args.use_kd and training_args.do_train else None
+    teacher = None
+    if model_args.use_kd and training_args.do_train:
+        teacher = load_model(path, dtype=compute_dtype, empty=empty and model_args.shard_teacher)
     logger.info("student: %s", student)
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale,

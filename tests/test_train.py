@@ -186,15 +186,21 @@ def test_qat_false_is_the_unquantized_control(tmp_path):
     assert type(load_model(str(model_dir)).model.layers[0].mlp.up_proj) is torch.nn.Linear
 
 
-def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, nproc):
+    """Also under 2-process FSDP (sharded optimizer state, rank 1 built without weights): the resumed run
+    logs the same losses as the uninterrupted one."""
     args = ["sh", "run_train.sh", "4", "8", "4", *SHORT, "--max_steps", "4", "--save_steps", "2",
-            "--save_total_limit", "2", "--do_eval", "False"]
-    run(args, tmp_path)
+            "--save_total_limit", "2", "--do_eval", "False", "--shuffle", "False",
+            "--per_device_train_batch_size", str(4 // int(nproc))]
+    run(args, tmp_path, env={"NPROC": nproc})
     ckpts = tmp_path / "checkpoints" / "W4A8KV4"
+    uninterrupted = json.load(open(ckpts / "checkpoint-4" / "trainer_state.json"))["log_history"]
     shutil.rmtree(ckpts / "checkpoint-4")  # as if killed between step 2 and the end
     shutil.rmtree(tmp_path / "models")
-    proc = run(args, tmp_path)
+    proc = run(args, tmp_path, env={"NPROC": nproc})
     assert f"resuming from {ckpts}/checkpoint-2" in proc.stderr
     state = json.load(open(ckpts / "checkpoint-4" / "trainer_state.json"))
     assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    assert [h["loss"] for h in state["log_history"] if "loss" in h] == [h["loss"] for h in uninterrupted if "loss" in h]
     assert (tmp_path / "models" / "W4A8KV4" / "model.safetensors").exists()

@@ -108,6 +108,17 @@ def test_original_memory_layout_trains_the_identical_student(two_proc, tmp_path)
     assert all(torch.equal(w_sharded[k], w_full[k]) for k in w_sharded)
 
 
+def test_evaluation_alone_under_fsdp_matches_one_process(tmp_path):
+    """--do_train False (the RTN baseline through train.py) with 2 processes: the Trainer's own FSDP2 prepare
+    refuses a model without an optimizer; the student is sharded like the teacher instead."""
+    ppl = {}
+    for nproc in ("1", "2"):
+        proc = run(["sh", "run_train.sh", "4", "8", "4", *SHORT, "--do_train", "False"], tmp_path / nproc,
+                   env={"NPROC": nproc})
+        (ppl[nproc],) = re.findall(r"perplexity (\d+\.\d+) on ", proc.stderr)
+    assert ppl["1"] == ppl["2"] and 1 < float(ppl["1"]) < 200, ppl
+
+
 def test_use_kd_false_trains_on_next_token_loss(tmp_path):
     run(["sh", "run_train.sh", "8", "8", "8", *SHORT, "--use_kd", "False", "--max_steps", "6"], tmp_path)
     loss = losses(tmp_path, "W8A8KV8")

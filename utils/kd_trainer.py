@@ -71,6 +71,10 @@ class KDTrainer(CpuFsdpMixin, Trainer):
             if not (shard_teacher and shard_frozen(teacher, self.accelerator)):
                 teacher.to(self.args.device)
             self.loss_is_scaled_for_ga = False  # kd_loss is a per-batch value: let the Trainer divide by GA steps
+        if not self.args.do_train and shard_frozen(self.model, self.accelerator):
+            # evaluation alone: the Trainer would prepare() the model without an optimizer, which FSDP2 refuses;
+            # shard it here like the teacher and register it as prepared
+            self.accelerator._models.append(self.model)
         self.add_callback(ShardReport(teacher))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

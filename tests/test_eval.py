@@ -79,6 +79,10 @@ def test_omitted_widths_stay_32_and_a_quantized_model_refuses_rtn(tmp_path):
     ([EMBEDDED_MODEL, "--w_bits", "5", "--kv_bits", "1"], "error: kv_bits=1 is not allowed"),
     ([EMBEDDED_MODEL, "--ppl_data", "/nonexistent.jsonl"], "error: data path '/nonexistent.jsonl': no such file"),
     ([EMBEDDED_MODEL, "--tasks", "no_such_task"], "no_such_task"),
+    ([EMBEDDED_MODEL, "--smoothquant", "0.5"], "error: --smoothquant needs the bits"),
+    ([EMBEDDED_MODEL, "--smoothquant", "0", "--w_bits", "8"], "error: --smoothquant 0.0: the migration strength"),
+    ([EMBEDDED_MODEL, "--smoothquant", "0.5", "--w_bits", "8", "--calib_data", "/nonexistent.jsonl"],
+     "error: data path '/nonexistent.jsonl': no such file"),
 ])
 def test_bad_input_one_error_line(tmp_path, argv, message):
     out = tmp_path / "r.json"

@@ -1,5 +1,6 @@
 """Evaluation (eval.py): perplexity over fixed windows and zero-shot tasks, for an FP model, a QAT
-checkpoint, an export, or an FP model quantized without training (RTN: --w_bits/--a_bits/--kv_bits).
+checkpoint, an export, or an FP model quantized without training (RTN: --w_bits/--a_bits/--kv_bits;
+SmoothQuant: the same plus --smoothquant ALPHA and calibration text).
 
 Perplexity: the texts of a jsonl file are tokenized (BOS before each text, as training reads them),
 concatenated and cut into non-overlapping windows of seq_len tokens; the remainder is dropped.
@@ -22,9 +23,10 @@ from models.quant_model import DTYPES, check_bits, is_quantized_config, load_mod
 from utils.data import expand_paths, read_texts, tokenize_texts
 from utils.errors import InputError
 from utils.io import atomic_write
-from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL
+from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
 
 logger = logging.getLogger("llm_qat.eval")
+GENERATED = os.path.join("gen_data", "all_gen.jsonl")  # merge_gen_data.py's output
 
 
 @torch.inference_mode()
@@ -45,13 +47,17 @@ def perplexity(model, ids, seq_len, batch_size=1, max_windows=None, desc="perple
     return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "windows": n, "seq_len": seq_len, "tokens": tokens}
 
 
-def eval_setting(path, w_bits=None, a_bits=None, kv_bits=None):
+def eval_setting(path, w_bits=None, a_bits=None, kv_bits=None, smoothquant=None):
     """(method, bits) of what eval.py will run, checked before any loading: bits given -> RTN of an FP
-    model; a saved QAT model -> its own bits; else FP."""
+    model (SmoothQuant with an alpha); a saved QAT model -> its own bits; else FP."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"model {path!r}: not a local Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
+    if smoothquant is not None and not 0 < smoothquant <= 1:
+        raise InputError(f"--smoothquant {smoothquant}: the migration strength alpha must be in (0, 1] (paper: 0.5)")
     if all(b is None for b in (w_bits, a_bits, kv_bits)):
+        if smoothquant is not None:
+            raise InputError("--smoothquant needs the bits to quantize to: --w_bits/--a_bits/--kv_bits")
         if is_quantized_config(config):
             return "QAT", (config.w_bits, config.a_bits, config.kv_bits)
         return "FP", (32, 32, 32)
@@ -63,18 +69,30 @@ def eval_setting(path, w_bits=None, a_bits=None, kv_bits=None):
         check_bits(*bits)
     except ValueError as e:
         raise InputError(str(e)) from None
-    return "RTN", bits
+    return ("RTN" if smoothquant is None else "SmoothQuant"), bits
 
 
 def load_for_eval(path, w_bits=None, a_bits=None, kv_bits=None, kv_post_rope=False, dtype=torch.float32,
-                  setting=None):
-    """(model, tokenizer, method, bits) for eval_setting's (method, bits), passed in if already checked."""
-    method, bits = setting or eval_setting(path, w_bits, a_bits, kv_bits)
+                  setting=None, smoothquant=None, calibration=None):
+    """(model, tokenizer, method, bits) for eval_setting's (method, bits), passed in if already checked.
+    SmoothQuant: calibration = (jsonl files, windows, seq_len) for the activation maxima."""
+    method, bits = setting or eval_setting(path, w_bits, a_bits, kv_bits, smoothquant)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path, dtype=dtype).to(device).eval()
-    if method == "RTN":
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if method == "SmoothQuant":
+        from models.smoothquant import activation_absmax, smooth
+        files, n, seq_len = calibration
+        seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
+        ids = torch.cat([tokenize_texts(read_texts(f), tokenizer) for f in files])
+        if len(ids) < seq_len:
+            raise InputError(f"calibration data {files}: {len(ids)} tokens, fewer than one window of {seq_len}")
+        windows = ids[: min(n, len(ids) // seq_len) * seq_len].view(-1, seq_len)
+        smooth(model, activation_absmax(model, windows), smoothquant)
+        print(f"SmoothQuant: alpha {smoothquant}, activation maxima from {len(windows)} windows of {seq_len} tokens")
+    if method in ("RTN", "SmoothQuant"):
         quantize_model(model, *bits, kv_post_rope=kv_post_rope)
-    return model, AutoTokenizer.from_pretrained(path), method, "-".join(map(str, bits))
+    return model, tokenizer, method, "-".join(map(str, bits))
 
 
 def parse_args(argv=None):
@@ -85,6 +103,12 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", type=int, default=None, help="quantize an FP model without training (RTN); "
                        "an omitted width stays 32")
     p.add_argument("--kv_post_rope", action="store_true", help="RTN: quantize keys after RoPE")
+    p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", help="with the bits: SmoothQuant "
+                   "baseline, migration strength alpha in (0, 1] (paper: 0.5), then the same quantizers as RTN")
+    p.add_argument("--calib_data", nargs="+", default=None, help="SmoothQuant calibration jsonl (default: "
+                   "gen_data/all_gen.jsonl, the self-generated data; the embedded model: its training text)")
+    p.add_argument("--calib_windows", type=int, default=128, help="SmoothQuant: calibration windows")
+    p.add_argument("--calib_seq_len", type=int, default=512, help="SmoothQuant: tokens per calibration window")
     p.add_argument("--ppl_data", nargs="*", default=None, help="jsonl {'text'} files, one perplexity each (default: "
                    "the held-out Shakespeare for the embedded model, else wiki2.jsonl from prepare_eval_data.py); "
                    "none given: skip perplexity")
@@ -109,10 +133,26 @@ def default_ppl_data(model_path):
                      "or --ppl_data with no file to skip perplexity")
 
 
+def default_calib_data(model_path):
+    if os.path.isfile(GENERATED):
+        return [GENERATED]
+    if os.path.realpath(model_path) == os.path.realpath(EMBEDDED_MODEL):
+        return [EMBEDDED_TRAIN]
+    raise InputError(f"no calibration data for --smoothquant: pass --calib_data FILE.jsonl (e.g. {GENERATED} from "
+                     "generate_data.py + merge_gen_data.py)")
+
+
 def evaluate(args):
-    setting = eval_setting(args.model, args.w_bits, args.a_bits, args.kv_bits)  # fail before any work
+    setting = eval_setting(args.model, args.w_bits, args.a_bits, args.kv_bits, args.smoothquant)  # fail before work
     if args.seq_len < 2:
         raise InputError(f"--seq_len {args.seq_len}: must be >= 2")
+    calibration = None
+    if setting[0] == "SmoothQuant":
+        if args.calib_windows < 1 or args.calib_seq_len < 2:
+            raise InputError(f"--calib_windows {args.calib_windows} --calib_seq_len {args.calib_seq_len}: "
+                             "need >= 1 window of >= 2 tokens")
+        files = default_calib_data(args.model) if args.calib_data is None else args.calib_data
+        calibration = ([f for spec in files for f in expand_paths(spec)], args.calib_windows, args.calib_seq_len)
     ppl_files = default_ppl_data(args.model) if args.ppl_data is None else args.ppl_data
     ppl_files = [f for spec in ppl_files for f in expand_paths(spec)]  # fail on a missing file before loading
     tasks = []
@@ -121,13 +161,16 @@ def evaluate(args):
         tasks = resolve_tasks(args.tasks)
     dtype = resolve_dtype(args.dtype)
     model, tokenizer, method, bits = load_for_eval(args.model, kv_post_rope=args.kv_post_rope, dtype=DTYPES[dtype],
-                                                   setting=setting)
+                                                   setting=setting, smoothquant=args.smoothquant,
+                                                   calibration=calibration)
     seq_len = args.seq_len
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", seq_len)
     if seq_len > limit:
         print(f"note: --seq_len {seq_len} > the model's max_position_embeddings {limit}: windows of {limit}")
         seq_len = limit
     result = {"model": args.model, "method": method, "bits": bits, "ppl": {}, "tasks": {}}
+    if method == "SmoothQuant":
+        result["smoothquant"] = {"alpha": args.smoothquant, "calib_data": calibration[0]}
     print(f"{args.model}: {method} W-A-KV {bits}, {dtype} on {model.device}")
     for path in ppl_files:
         ids = tokenize_texts(read_texts(path), tokenizer)

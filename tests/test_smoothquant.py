@@ -7,22 +7,18 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.quant_model import quantize_model
 from models.smoothquant import GROUPS, activation_absmax, smooth
+from test_quant_model import FAMILIES, TINY, tiny as tiny_model
 from utils.process_args import EMBEDDED_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128)
-FAMILIES = [(LlamaConfig, LlamaForCausalLM), (MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM)]
 
 
 def tiny(family, seed=0):
-    config_cls, model_cls = family
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**TINY)).eval()
+    model = tiny_model(family, seed)
     with torch.no_grad():  # non-trivial norms (HF initializes them to 1)
         for layer in model.model.layers:
             for norm, _ in GROUPS:
@@ -58,7 +54,8 @@ def test_smoothing_keeps_the_fp_function(family):
     with torch.no_grad():
         before = model(ids).logits
         stats = activation_absmax(model, ids, batch_size=4)
-        assert len(stats) == 2 * TINY["num_hidden_layers"] and all(v.shape == (64,) for v in stats.values())
+        assert len(stats) == 2 * TINY["num_hidden_layers"]
+        assert all(v.shape == (TINY["hidden_size"],) for v in stats.values())
         assert not model.model.layers[0].self_attn.q_proj._forward_pre_hooks  # hooks removed
         smooth(model, stats, alpha=0.5)
         after = model(ids).logits

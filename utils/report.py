@@ -4,7 +4,7 @@ import os
 from utils.evaluate import write_json
 from utils.io import atomic_write
 
-METHODS = ("RTN", "LLM-QAT", "QAT-real")
+METHODS = ("RTN", "SmoothQuant", "LLM-QAT", "QAT-real")
 
 
 def fmt(x, digits=2):
@@ -22,7 +22,8 @@ def markdown(rows, targets, mode, s):
                               for r in subset)
 
     main = [r for r in rows if r["method"] in ("FP", *METHODS)]
-    ablation = [r for r in rows if r["bits"] == "4-8-4" and r["method"] not in ("FP", "RTN", "QAT-real")]
+    ablation = [r for r in rows if r["bits"] == "4-8-4" and r["method"] not in ("FP", *METHODS)]
+    ablation = [r for r in rows if r["bits"] == "4-8-4" and r["method"] == "LLM-QAT"] + ablation
     ablation += [r for r in rows if r["bits"] == "4-8-4" and r["method"] == "QAT-real"]
     rec, ratio = targets["recovered_gap_4-8-4"], targets["llm_qat_8-8-8_over_fp"]
     return (f"# LLM-QAT at small scale: the embedded 4M-parameter LLaMA ({mode} run)\n\n"
@@ -51,7 +52,7 @@ def plot(rows, path):
         width = 0.8 / len(METHODS)
         for k, method in enumerate(METHODS):
             vals = [scale * next(r[key] for r in rows if r["method"] == method and r["bits"] == b) for b in bits]
-            ax.bar([i + (k - 1) * width for i in range(len(bits))], vals, width, label=method)
+            ax.bar([i + (k - (len(METHODS) - 1) / 2) * width for i in range(len(bits))], vals, width, label=method)
         ax.axhline(scale * fp[key], color="black", linestyle="--", linewidth=1, label="FP")
         ax.set_xticks(range(len(bits)), [f"W{b.replace('-', ' A', 1).replace('-', ' KV')}" for b in bits])
         ax.set_ylabel(label)
@@ -59,7 +60,8 @@ def plot(rows, path):
         lo, hi = min(values), max(values)
         ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
     axes[0].legend()
-    fig.suptitle("LLM-QAT on the embedded 4M-parameter LLaMA: FP, RTN, LLM-QAT (generated data), QAT on real text")
+    fig.suptitle("LLM-QAT on the embedded 4M-parameter LLaMA: FP, RTN, SmoothQuant, LLM-QAT (generated data), "
+                 "QAT on real text")
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

@@ -1,6 +1,7 @@
 """reproduce_tiny.sh: the paper's table at small scale, on the embedded model.
 
-Rows: FP; RTN (the same quantizers, no training); LLM-QAT (KD on the model's own greedy-then-sampled
+Rows: FP; RTN (the same quantizers, no training); SmoothQuant (alpha 0.5, calibrated on the generated
+text, then the same quantizers, no training); LLM-QAT (KD on the model's own greedy-then-sampled
 text); QAT-real (KD on the same number of tokens of the real text the model was pretrained on) at
 W-A-KV 4-8-4, 4-8-8, 4-16-16, 8-8-4, 8-8-8; and at 4-8-4 the generation ablation: pure sampling and
 pure greedy instead of the hybrid. Every trained row sees exactly the same number of tokens, so
@@ -37,7 +38,7 @@ SETTINGS = {
 
 def rows_to_run():
     """(method, bits, training data or None) of every row, in table order."""
-    rows = [("FP", "32-32-32", None)] + [("RTN", b, None) for b in BITS]
+    rows = [("FP", "32-32-32", None)] + [("RTN", b, None) for b in BITS] + [("SmoothQuant", b, "calib") for b in BITS]
     rows += [("LLM-QAT", b, "hybrid") for b in BITS] + [("QAT-real", b, "real") for b in BITS]
     rows += [("LLM-QAT (pure sampling)", "4-8-4", "sampling"), ("LLM-QAT (pure greedy)", "4-8-4", "greedy")]
     return rows
@@ -105,9 +106,11 @@ def row_result(method, bits, data, s, work):
         with open(path) as f:
             return json.load(f)
     train_seconds = None
-    if data is None:
+    if data in (None, "calib"):
         model, w, a, kv = EMBEDDED_MODEL, *bits.split("-")
         rtn = [] if method == "FP" else ["--w_bits", w, "--a_bits", a, "--kv_bits", kv]
+        if data == "calib":  # data-free SmoothQuant: activation maxima from the same generated text
+            rtn += ["--smoothquant", "0.5", "--calib_data", generated_text("hybrid", s, work)]
     else:
         source = real_text(work) if data == "real" else generated_text(data, s, work)
         model, train_seconds = train(method, bits, source, s, work)
@@ -119,8 +122,9 @@ def row_result(method, bits, data, s, work):
     ppl, task = r["ppl"]["shakespeare_eval"], r["tasks"][TASK]
     row = {"method": method, "bits": bits, "ppl": round(ppl["ppl"], 4), "acc": round(task["acc"], 4),
            "acc_norm": None if task.get("acc_norm") is None else round(task["acc_norm"], 4),
-           "data": {None: "none", "real": "real text"}.get(data, f"generated ({data})"),
-           "train_tokens": None if data is None else s["blocks"] * 256 * s["epochs"],
+           "data": {None: "none", "real": "real text", "calib": "calibration: generated (hybrid)"}.get(
+               data, f"generated ({data})"),
+           "train_tokens": None if data in (None, "calib") else s["blocks"] * 256 * s["epochs"],
            "train_seconds": None if train_seconds is None else round(train_seconds, 1),
            "eval_windows": ppl["windows"], "task_docs": task["n"]}
     write_json(path, row)

@@ -83,6 +83,9 @@ def test_omitted_widths_stay_32_and_a_quantized_model_refuses_rtn(tmp_path):
     ([EMBEDDED_MODEL, "--smoothquant", "0", "--w_bits", "8"], "error: --smoothquant 0.0: the migration strength"),
     ([EMBEDDED_MODEL, "--smoothquant", "0.5", "--w_bits", "8", "--calib_data", "/nonexistent.jsonl"],
      "error: data path '/nonexistent.jsonl': no such file"),
+    ([EMBEDDED_MODEL, "--gptq"], "error: --gptq needs --w_bits 3-8"),
+    ([EMBEDDED_MODEL, "--gptq", "--w_bits", "2"], "error: --gptq needs --w_bits 3-8"),
+    ([EMBEDDED_MODEL, "--gptq", "--w_bits", "4", "--smoothquant", "0.5"], "error: --smoothquant and --gptq"),
 ])
 def test_bad_input_one_error_line(tmp_path, argv, message):
     out = tmp_path / "r.json"

@@ -60,7 +60,8 @@ def test_smoothing_keeps_the_fp_function(family):
         smooth(model, stats, alpha=0.5)
         after = model(ids).logits
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
-    assert not torch.equal(model.model.layers[0].input_layernorm.weight, tiny(family).model.layers[0].input_layernorm.weight)
+    norm = model.model.layers[0].input_layernorm.weight
+    assert not torch.equal(norm, tiny(family).model.layers[0].input_layernorm.weight)
 
 
 def test_outlier_channels_quantize_better_than_rtn():

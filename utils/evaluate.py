@@ -1,6 +1,6 @@
 """Evaluation (eval.py): perplexity over fixed windows and zero-shot tasks, for an FP model, a QAT
 checkpoint, an export, or an FP model quantized without training (RTN: --w_bits/--a_bits/--kv_bits;
-SmoothQuant: the same plus --smoothquant ALPHA and calibration text).
+SmoothQuant: the same plus --smoothquant ALPHA; GPTQ weights: plus --gptq; both calibrated on text).
 
 Perplexity: the texts of a jsonl file are tokenized (BOS before each text, as training reads them),
 concatenated and cut into non-overlapping windows of seq_len tokens; the remainder is dropped.
@@ -47,14 +47,18 @@ def perplexity(model, ids, seq_len, batch_size=1, max_windows=None, desc="perple
     return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "windows": n, "seq_len": seq_len, "tokens": tokens}
 
 
-def eval_setting(path, w_bits=None, a_bits=None, kv_bits=None, smoothquant=None):
+def eval_setting(path, w_bits=None, a_bits=None, kv_bits=None, smoothquant=None, gptq=False):
     """(method, bits) of what eval.py will run, checked before any loading: bits given -> RTN of an FP
-    model (SmoothQuant with an alpha); a saved QAT model -> its own bits; else FP."""
+    model (SmoothQuant with an alpha, GPTQ weights with gptq); a saved QAT model -> its own bits; else FP."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"model {path!r}: not a local Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
     if smoothquant is not None and not 0 < smoothquant <= 1:
         raise InputError(f"--smoothquant {smoothquant}: the migration strength alpha must be in (0, 1] (paper: 0.5)")
+    if smoothquant is not None and gptq:
+        raise InputError("--smoothquant and --gptq are separate baselines: pass one")
+    if gptq and w_bits not in range(3, 9):
+        raise InputError(f"--gptq needs --w_bits 3-8 (the symmetric per-channel grid), not {w_bits}")
     if all(b is None for b in (w_bits, a_bits, kv_bits)):
         if smoothquant is not None:
             raise InputError("--smoothquant needs the bits to quantize to: --w_bits/--a_bits/--kv_bits")
@@ -69,30 +73,41 @@ def eval_setting(path, w_bits=None, a_bits=None, kv_bits=None, smoothquant=None)
         check_bits(*bits)
     except ValueError as e:
         raise InputError(str(e)) from None
-    return ("RTN" if smoothquant is None else "SmoothQuant"), bits
+    return ("GPTQ" if gptq else "RTN" if smoothquant is None else "SmoothQuant"), bits
 
 
 def load_for_eval(path, w_bits=None, a_bits=None, kv_bits=None, kv_post_rope=False, dtype=torch.float32,
-                  setting=None, smoothquant=None, calibration=None):
+                  setting=None, smoothquant=None, gptq=False, calibration=None):
     """(model, tokenizer, method, bits) for eval_setting's (method, bits), passed in if already checked.
-    SmoothQuant: calibration = (jsonl files, windows, seq_len) for the activation maxima."""
-    method, bits = setting or eval_setting(path, w_bits, a_bits, kv_bits, smoothquant)
+    SmoothQuant, GPTQ: calibration = (jsonl files, windows, seq_len)."""
+    method, bits = setting or eval_setting(path, w_bits, a_bits, kv_bits, smoothquant, gptq)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if method == "SmoothQuant":
-        from models.smoothquant import activation_absmax, smooth
-        files, n, seq_len = calibration
-        seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
-        ids = torch.cat([tokenize_texts(read_texts(f), tokenizer) for f in files])
-        if len(ids) < seq_len:
-            raise InputError(f"calibration data {files}: {len(ids)} tokens, fewer than one window of {seq_len}")
-        windows = ids[: min(n, len(ids) // seq_len) * seq_len].view(-1, seq_len)
-        smooth(model, activation_absmax(model, windows), smoothquant)
-        print(f"SmoothQuant: alpha {smoothquant}, activation maxima from {len(windows)} windows of {seq_len} tokens")
-    if method in ("RTN", "SmoothQuant"):
-        quantize_model(model, *bits, kv_post_rope=kv_post_rope)
+    if method in ("SmoothQuant", "GPTQ"):
+        windows = calibration_windows(model, tokenizer, *calibration)
+        what = f"{len(windows)} windows of {windows.shape[1]} tokens"
+        if method == "SmoothQuant":
+            from models.smoothquant import activation_absmax, smooth
+            smooth(model, activation_absmax(model, windows), smoothquant)
+            print(f"SmoothQuant: alpha {smoothquant}, activation maxima from {what}")
+        else:
+            from models.gptq import gptq_model
+            gptq_model(model, windows, bits[0])
+            print(f"GPTQ: W{bits[0]} weights calibrated on {what}")
+    if method in ("RTN", "SmoothQuant", "GPTQ"):
+        # GPTQ's weights are on their grid already (w 32); activations and KV are quantized as RTN's
+        quantize_model(model, *((32, *bits[1:]) if method == "GPTQ" else bits), kv_post_rope=kv_post_rope)
     return model, tokenizer, method, "-".join(map(str, bits))
+
+
+def calibration_windows(model, tokenizer, files, n, seq_len):
+    """Up to n windows [n, seq_len] of the files' tokens, seq_len capped at the model's context."""
+    seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
+    ids = torch.cat([tokenize_texts(read_texts(f), tokenizer) for f in files])
+    if len(ids) < seq_len:
+        raise InputError(f"calibration data {files}: {len(ids)} tokens, fewer than one window of {seq_len}")
+    return ids[: min(n, len(ids) // seq_len) * seq_len].view(-1, seq_len)
 
 
 def parse_args(argv=None):
@@ -105,10 +120,12 @@ def parse_args(argv=None):
     p.add_argument("--kv_post_rope", action="store_true", help="RTN: quantize keys after RoPE")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", help="with the bits: SmoothQuant "
                    "baseline, migration strength alpha in (0, 1] (paper: 0.5), then the same quantizers as RTN")
-    p.add_argument("--calib_data", nargs="+", default=None, help="SmoothQuant calibration jsonl (default: "
+    p.add_argument("--gptq", action="store_true", help="with the bits: GPTQ-round the weights (w_bits 3-8) on the "
+                   "same grid instead of RTN; activations and KV as RTN")
+    p.add_argument("--calib_data", nargs="+", default=None, help="SmoothQuant / GPTQ calibration jsonl (default: "
                    "gen_data/all_gen.jsonl, the self-generated data; the embedded model: its training text)")
-    p.add_argument("--calib_windows", type=int, default=128, help="SmoothQuant: calibration windows")
-    p.add_argument("--calib_seq_len", type=int, default=512, help="SmoothQuant: tokens per calibration window")
+    p.add_argument("--calib_windows", type=int, default=128, help="SmoothQuant / GPTQ: calibration windows")
+    p.add_argument("--calib_seq_len", type=int, default=512, help="SmoothQuant / GPTQ: tokens per calibration window")
     p.add_argument("--ppl_data", nargs="*", default=None, help="jsonl {'text'} files, one perplexity each (default: "
                    "the held-out Shakespeare for the embedded model, else wiki2.jsonl from prepare_eval_data.py); "
                    "none given: skip perplexity")
@@ -138,16 +155,16 @@ def default_calib_data(model_path):
         return [GENERATED]
     if os.path.realpath(model_path) == os.path.realpath(EMBEDDED_MODEL):
         return [EMBEDDED_TRAIN]
-    raise InputError(f"no calibration data for --smoothquant: pass --calib_data FILE.jsonl (e.g. {GENERATED} from "
-                     "generate_data.py + merge_gen_data.py)")
+    raise InputError(f"no calibration data for --smoothquant / --gptq: pass --calib_data FILE.jsonl "
+                     f"(e.g. {GENERATED} from generate_data.py + merge_gen_data.py)")
 
 
 def evaluate(args):
-    setting = eval_setting(args.model, args.w_bits, args.a_bits, args.kv_bits, args.smoothquant)  # fail before work
+    setting = eval_setting(args.model, args.w_bits, args.a_bits, args.kv_bits, args.smoothquant, args.gptq)
     if args.seq_len < 2:
         raise InputError(f"--seq_len {args.seq_len}: must be >= 2")
     calibration = None
-    if setting[0] == "SmoothQuant":
+    if setting[0] in ("SmoothQuant", "GPTQ"):
         if args.calib_windows < 1 or args.calib_seq_len < 2:
             raise InputError(f"--calib_windows {args.calib_windows} --calib_seq_len {args.calib_seq_len}: "
                              "need >= 1 window of >= 2 tokens")
@@ -162,7 +179,7 @@ def evaluate(args):
     dtype = resolve_dtype(args.dtype)
     model, tokenizer, method, bits = load_for_eval(args.model, kv_post_rope=args.kv_post_rope, dtype=DTYPES[dtype],
                                                    setting=setting, smoothquant=args.smoothquant,
-                                                   calibration=calibration)
+                                                   gptq=args.gptq, calibration=calibration)
     seq_len = args.seq_len
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", seq_len)
     if seq_len > limit:
@@ -171,6 +188,8 @@ def evaluate(args):
     result = {"model": args.model, "method": method, "bits": bits, "ppl": {}, "tasks": {}}
     if method == "SmoothQuant":
         result["smoothquant"] = {"alpha": args.smoothquant, "calib_data": calibration[0]}
+    if method == "GPTQ":
+        result["gptq"] = {"calib_data": calibration[0]}
     print(f"{args.model}: {method} W-A-KV {bits}, {dtype} on {model.device}")
     for path in ppl_files:
         ids = tokenize_texts(read_texts(path), tokenizer)

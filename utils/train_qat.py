@@ -70,7 +70,8 @@ def run(model_args, data_args, training_args):
     compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     empty = weights_from_rank0(training_args)  # this rank gets its weights from rank 0 while FSDP shards
     if empty:
-        logger.warning("rank %d: building the models without weights; rank 0 broadcasts them", training_args.process_index)
+        logger.warning("rank %d: building the models without weights; rank 0 broadcasts them",
+                       training_args.process_index)
     student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty)
     if model_args.qat:
         quantize_model(student, model_args.w_bits, model_args.a_bits, model_args.kv_bits, model_args.kv_post_rope)

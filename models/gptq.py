@@ -1,0 +1,88 @@
+"""GPTQ (Frantar et al., 2023) on LLM-QAT's own weight grid, as a training-free weight baseline.
+
+Each decoder linear's weights are rounded one column at a time, and the rounding error of a column is
+spread over the columns not yet rounded through the inverse Hessian of its input, H = 2 X^T X / n over
+calibration tokens (blocks of 128 columns, damping 1% of mean(diag H)). The grid is exactly RTN's: per
+row s = (2^(b-1) - 1) / (max|w_row| + 1e-6) from the original weights, q = round(w s) / (s + 1e-6), clamped
+to the row's levels because compensated weights can leave the original range. Layers are done in order,
+each calibrated on the outputs of the already quantized layers before it.
+"""
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from models.quant_model import decoder_layers
+
+
+class _Stop(Exception):
+    pass
+
+
+def grid(weight, bits):
+    """Per-row scale s and the largest level, as SymQuantizer computes them for weights."""
+    levels = 2 ** (bits - 1) - 1
+    return levels / (weight.abs().amax(dim=1, keepdim=True) + 1e-6), levels
+
+
+def round_to_grid(w, s, levels):
+    return torch.clamp(torch.round(w * s), -levels, levels) / (s + 1e-6)
+
+
+@torch.no_grad()
+def gptq_weight(weight, hessian, bits, blocksize=128, percdamp=0.01):
+    """The GPTQ-rounded copy of weight [out, in] (fp32) for input Hessian [in, in]."""
+    W, H = weight.detach().float().clone(), hessian.float().clone()
+    s, levels = grid(W, bits)
+    dead = torch.diag(H) == 0  # inputs never seen: nothing to compensate with
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(len(H), device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.shape[1], blocksize):
+        i2 = min(i1 + blocksize, W.shape[1])
+        W1, Hinv1, Err1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
+        for i in range(i2 - i1):
+            q = round_to_grid(W1[:, i:i + 1], s, levels)
+            Q[:, i1 + i] = q[:, 0]
+            err = (W1[:, i:i + 1] - q) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q
+
+
+@torch.no_grad()
+def gptq_model(model, windows, bits, batch_size=1):
+    """Replace every decoder linear's weight by its GPTQ rounding, layer after layer, in place."""
+    for layer in tqdm(decoder_layers(model), desc=f"GPTQ W{bits}", unit="layer"):
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        hessians = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in linears.items()}
+        tokens = [0]
+
+        def accumulate(name):
+            def hook(module, args):
+                x = args[0].detach().flatten(0, -2).float()
+                hessians[name].addmm_(x.T, x, alpha=2.0)
+                if name == next(iter(linears)):
+                    tokens[0] += len(x)
+            return hook
+
+        def stop(module, args, output):
+            raise _Stop  # this layer's inputs are all that is needed: skip the rest of the model
+
+        hooks = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
+        hooks.append(layer.register_forward_hook(stop))
+        try:
+            for b in range(0, len(windows), batch_size):
+                try:
+                    model(input_ids=windows[b:b + batch_size].to(model.device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, linear in linears.items():
+            q = gptq_weight(linear.weight, hessians[name] / tokens[0], bits)
+            linear.weight.copy_(q.to(linear.weight.dtype))
+    return model

@@ -25,7 +25,7 @@ def test_quick_run_writes_every_row_and_llm_qat_beats_rtn(quick):
     out, _, _ = quick
     rows = json.load(open(out / "tiny_table.json"))
     assert [(r["method"], r["bits"]) for r in rows] == [(m, b) for m, b, _ in rows_to_run()]
-    assert {r["method"] for r in rows} >= {"FP", "RTN", "SmoothQuant", "LLM-QAT", "QAT-real"}
+    assert {r["method"] for r in rows} >= {"FP", "RTN", "SmoothQuant", "GPTQ", "LLM-QAT", "QAT-real"}
     assert {r["bits"] for r in rows} > set(BITS)
     for r in rows:
         assert r["ppl"] > 1 and 0 < r["acc"] < 1 and r["task_docs"] == 60
@@ -34,8 +34,8 @@ def test_quick_run_writes_every_row_and_llm_qat_beats_rtn(quick):
     assert ppl[("RTN", "4-8-4")] > ppl[("FP", "32-32-32")]
     trained = [r["train_tokens"] for r in rows if r["train_tokens"] is not None]
     assert len(trained) == 12 and len(set(trained)) == 1  # generated and real rows see the same token count
-    smoothquant = [r for r in rows if r["method"] == "SmoothQuant"]  # training-free, calibrated on generated text
-    assert len(smoothquant) == len(BITS) and all(r["data"].startswith("calibration: generated") for r in smoothquant)
+    calibrated = [r for r in rows if r["method"] in ("SmoothQuant", "GPTQ")]  # training-free, generated text
+    assert len(calibrated) == 2 * len(BITS) and all(r["data"].startswith("calibration: generated") for r in calibrated)
     md = (out / "tiny_table.md").read_text()
     assert "| LLM-QAT (pure greedy) | 4-8-4 |" in md and "| SmoothQuant | 4-8-4 |" in md and "recovers" in md
     assert (out / "tiny_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ import os
 from utils.evaluate import write_json
 from utils.io import atomic_write
 
-METHODS = ("RTN", "SmoothQuant", "LLM-QAT", "QAT-real")
+METHODS = ("RTN", "SmoothQuant", "GPTQ", "LLM-QAT", "QAT-real")
 
 
 def fmt(x, digits=2):
@@ -60,8 +60,8 @@ def plot(rows, path):
         lo, hi = min(values), max(values)
         ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
     axes[0].legend()
-    fig.suptitle("LLM-QAT on the embedded 4M-parameter LLaMA: FP, RTN, SmoothQuant, LLM-QAT (generated data), "
-                 "QAT on real text")
+    fig.suptitle("LLM-QAT on the embedded 4M-parameter LLaMA: FP, RTN, SmoothQuant, GPTQ, LLM-QAT (generated "
+                 "data), QAT on real text")
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

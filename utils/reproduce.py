@@ -1,10 +1,10 @@
 """reproduce_tiny.sh: the paper's table at small scale, on the embedded model.
 
-Rows: FP; RTN (the same quantizers, no training); SmoothQuant (alpha 0.5, calibrated on the generated
-text, then the same quantizers, no training); LLM-QAT (KD on the model's own greedy-then-sampled
-text); QAT-real (KD on the same number of tokens of the real text the model was pretrained on) at
-W-A-KV 4-8-4, 4-8-8, 4-16-16, 8-8-4, 8-8-8; and at 4-8-4 the generation ablation: pure sampling and
-pure greedy instead of the hybrid. Every trained row sees exactly the same number of tokens, so
+Rows: FP; RTN (the same quantizers, no training); SmoothQuant (alpha 0.5) and GPTQ weights, both
+calibrated on the generated text, then the same quantizers, no training; LLM-QAT (KD on the model's own
+greedy-then-sampled text); QAT-real (KD on the same number of tokens of the real text the model was
+pretrained on) at W-A-KV 4-8-4, 4-8-8, 4-16-16, 8-8-4, 8-8-8; and at 4-8-4 the generation ablation: pure
+sampling and pure greedy instead of the hybrid. Every trained row sees exactly the same number of tokens, so
 LLM-QAT vs QAT-real is the paper's generated-vs-real ablation. Each row is held-out perplexity on
 three plays the model never saw plus zero-shot accuracy on the local shakespeare_nextline task.
 
@@ -38,7 +38,8 @@ SETTINGS = {
 
 def rows_to_run():
     """(method, bits, training data or None) of every row, in table order."""
-    rows = [("FP", "32-32-32", None)] + [("RTN", b, None) for b in BITS] + [("SmoothQuant", b, "calib") for b in BITS]
+    rows = [("FP", "32-32-32", None)] + [("RTN", b, None) for b in BITS]
+    rows += [("SmoothQuant", b, "calib") for b in BITS] + [("GPTQ", b, "calib") for b in BITS]
     rows += [("LLM-QAT", b, "hybrid") for b in BITS] + [("QAT-real", b, "real") for b in BITS]
     rows += [("LLM-QAT (pure sampling)", "4-8-4", "sampling"), ("LLM-QAT (pure greedy)", "4-8-4", "greedy")]
     return rows
@@ -109,8 +110,9 @@ def row_result(method, bits, data, s, work):
     if data in (None, "calib"):
         model, w, a, kv = EMBEDDED_MODEL, *bits.split("-")
         rtn = [] if method == "FP" else ["--w_bits", w, "--a_bits", a, "--kv_bits", kv]
-        if data == "calib":  # data-free SmoothQuant: activation maxima from the same generated text
-            rtn += ["--smoothquant", "0.5", "--calib_data", generated_text("hybrid", s, work)]
+        if data == "calib":  # data-free baselines: calibrated on the same generated text LLM-QAT trains on
+            rtn += ["--smoothquant", "0.5"] if method == "SmoothQuant" else ["--gptq"]
+            rtn += ["--calib_data", generated_text("hybrid", s, work)]
     else:
         source = real_text(work) if data == "real" else generated_text(data, s, work)
         model, train_seconds = train(method, bits, source, s, work)

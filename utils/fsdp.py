@@ -1,6 +1,7 @@
-"""Real FSDP for HF ``Trainer`` on multi-process CPU (gloo), e.g. for CPU-only CI.
+"""FSDP around HF ``Trainer``: real FSDP on multi-process CPU (gloo, e.g. CPU-only CI), the sharded KD teacher
+(``shard_frozen``), one checkpoint read per run (``weights_from_rank0``), and a per-rank shard report.
 
-Why this is needed (transformers 5.24 / accelerate 1.15):
+Why CPU needs a fix (transformers 5.24 / accelerate 1.15):
 ``Trainer`` turns ``TrainingArguments.fsdp_plugin_args`` into a ``FullyShardedDataParallelPlugin`` and passes
 it to ``Accelerator``. ``AcceleratorState.__init__`` (accelerate/state.py, the ``elif self.distributed_type in
 [MULTI_GPU, MULTI_MLU, ...]`` branch around line 986-1016) only promotes the run to ``DistributedType.FSDP``
@@ -9,9 +10,9 @@ silently dropped, ``Trainer.is_fsdp_enabled`` (trainer.py line 875) is False, an
 ``Accelerator.prepare_model`` takes its ``MULTI_CPU`` branch (accelerator.py line 2058): plain DDP.
 ``ACCELERATE_USE_FSDP=true`` does not help (Accelerator already sets it; the gate is the type list).
 
-Fix (``promote_to_fsdp``): right after the stock ``create_accelerator_and_postprocess``, if FSDP was requested, the state is
-``MULTI_CPU`` and world size > 1, do what accelerate does for GPUs: set ``distributed_type = FSDP`` and
-attach the plugin. Everything after that (FSDP2 ``fully_shard`` wrapping, grad clipping, FULL_STATE_DICT
+Fix (``promote_to_fsdp``): right after the stock ``create_accelerator_and_postprocess``, if FSDP was requested,
+the state is ``MULTI_CPU`` and world size > 1, do what accelerate does for GPUs: set ``distributed_type = FSDP``
+and attach the plugin. Everything after that (FSDP2 ``fully_shard`` wrapping, grad clipping, FULL_STATE_DICT
 saving) is accelerate's and Trainer's own code. GPU runs never reach the promotion (their state is already FSDP).
 
 Notes: needs ``TrainingArguments(use_cpu=True)`` (else accelerate picks DistributedType.NO and Trainer raises
@@ -72,8 +73,8 @@ class CpuFsdpMixin:
 def weights_from_rank0(args) -> bool:
     """True on the ranks that need not read the checkpoint: FSDP2 with cpu_ram_efficient_loading, rank != 0.
 
-    They build the model without weights (parameters on the meta device) and FSDP broadcasts rank 0's weights
-    while it shards (accelerate's fsdp2_prepare_model), so host RAM holds one copy, not one per process."""
+    They build the model without weights (load_model(empty=True): untouched storage) and FSDP broadcasts rank 0's
+    weights while it shards (accelerate's fsdp2_prepare_model), so host RAM holds one copy, not one per process."""
     plugin_args = args.fsdp_plugin_args or {}
     return (plugin_args.get("fsdp_version") == 2 and bool(plugin_args.get("cpu_ram_efficient_loading"))
             and args.world_size > 1 and args.process_index != 0)

@@ -12,8 +12,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from models.quant_model import check_bits, load_model, quantize_model
 from utils.data import load_blocks
-from utils.fsdp import weights_from_rank0
 from utils.errors import InputError
+from utils.fsdp import weights_from_rank0
 from utils.kd_trainer import KDTrainer
 
 logger = logging.getLogger("llm_qat")

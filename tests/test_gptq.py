@@ -67,9 +67,10 @@ def test_eval_cli_gptq_beats_rtn_at_3_bits(tmp_path):
     ppl = {}
     for method in ("RTN", "GPTQ"):
         out = tmp_path / f"{method}.json"
-        cmd = [sys.executable, "eval.py", EMBEDDED_MODEL, "--w_bits", "3", "--seq_len", "256", "--max_windows", "24",
+        cmd = [sys.executable, os.path.join(REPO, "eval.py"), EMBEDDED_MODEL, "--w_bits", "3", "--seq_len", "256",
+               "--max_windows", "24",
                "--calib_windows", "16", "--output_json", str(out)] + (["--gptq"] if method == "GPTQ" else [])
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # no gen_data/ there
         assert proc.returncode == 0, proc.stderr[-3000:]
         r = json.load(open(out))
         assert (r["method"], r["bits"]) == (method, "3-32-32")

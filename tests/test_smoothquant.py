@@ -90,13 +90,26 @@ def test_outlier_channels_quantize_better_than_rtn():
 
 def test_eval_cli_smoothquant(tmp_path):
     out = tmp_path / "r.json"
-    cmd = [sys.executable, "eval.py", EMBEDDED_MODEL, "--w_bits", "8", "--a_bits", "8", "--kv_bits", "8",
+    cmd = [sys.executable, os.path.join(REPO, "eval.py"), EMBEDDED_MODEL, "--w_bits", "8", "--a_bits", "8",
+           "--kv_bits", "8",
            "--smoothquant", "0.5", "--calib_windows", "4", "--calib_seq_len", "1024", "--seq_len", "128",
            "--max_windows", "4", "--output_json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # no gen_data/ there
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "activation maxima from 4 windows of 512 tokens" in proc.stdout  # capped at max_position_embeddings
     r = json.load(open(out))
     assert (r["method"], r["bits"], r["smoothquant"]["alpha"]) == ("SmoothQuant", "8-8-8", 0.5)
     assert r["smoothquant"]["calib_data"][0].endswith("shakespeare_train_small.jsonl")
     assert 1 < r["ppl"]["shakespeare_eval"]["ppl"] < 200
+
+
+def test_calibration_defaults_to_the_generated_data(tmp_path, monkeypatch):
+    from utils.errors import InputError
+    from utils.evaluate import default_calib_data
+    monkeypatch.chdir(tmp_path)
+    assert default_calib_data(EMBEDDED_MODEL)[0].endswith("shakespeare_train_small.jsonl")
+    with pytest.raises(InputError, match="no calibration data"):
+        default_calib_data(str(tmp_path))  # a real model and no generated data: say what to pass
+    (tmp_path / "gen_data").mkdir()
+    (tmp_path / "gen_data" / "all_gen.jsonl").write_text('{"text": "x"}\n')
+    assert default_calib_data(str(tmp_path)) == default_calib_data(EMBEDDED_MODEL) == ["gen_data/all_gen.jsonl"]

@@ -11,11 +11,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from models.calibration import StopForward, run_windows
 from models.quant_model import decoder_layers
-
-
-class _Stop(Exception):
-    pass
 
 
 def grid(weight, bits):
@@ -58,31 +55,19 @@ def gptq_model(model, windows, bits, batch_size=1):
     for layer in tqdm(decoder_layers(model), desc=f"GPTQ W{bits}", unit="layer"):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         hessians = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in linears.items()}
-        tokens = [0]
 
         def accumulate(name):
             def hook(module, args):
                 x = args[0].detach().flatten(0, -2).float()
                 hessians[name].addmm_(x.T, x, alpha=2.0)
-                if name == next(iter(linears)):
-                    tokens[0] += len(x)
             return hook
 
         def stop(module, args, output):
-            raise _Stop  # this layer's inputs are all that is needed: skip the rest of the model
+            raise StopForward  # this layer's inputs are all that is needed: skip the rest of the model
 
         hooks = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
-        hooks.append(layer.register_forward_hook(stop))
-        try:
-            for b in range(0, len(windows), batch_size):
-                try:
-                    model(input_ids=windows[b:b + batch_size].to(model.device), use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, linear in linears.items():
-            q = gptq_weight(linear.weight, hessians[name] / tokens[0], bits)
+        run_windows(model, windows, hooks + [layer.register_forward_hook(stop)], batch_size)
+        for name, linear in linears.items():  # every token of every window went through every linear once
+            q = gptq_weight(linear.weight, hessians[name] / windows.numel(), bits)
             linear.weight.copy_(q.to(linear.weight.dtype))
     return model

@@ -8,15 +8,14 @@ Smoothed per decoder layer: input_layernorm -> q/k/v_proj and post_attention_lay
 usual LLaMA port; o_proj and down_proj read no norm output and are left as they are).
 """
 import torch
-from tqdm import tqdm
 
+from models.calibration import run_windows
 from models.quant_model import decoder_layers
 
 GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
 
 
-@torch.inference_mode()
 def activation_absmax(model, windows, batch_size=1):
     """Per-channel max |x| at the input of each smoothed group, over windows [n, seq_len] of token ids."""
     stats, hooks = {}, []
@@ -30,12 +29,7 @@ def activation_absmax(model, windows, batch_size=1):
     for i, layer in enumerate(decoder_layers(model)):
         for norm, linears in GROUPS:
             hooks.append(layer.get_submodule(linears[0]).register_forward_pre_hook(record((i, norm))))
-    try:
-        for b in tqdm(range(0, len(windows), batch_size), desc="calibrating", unit="batch", leave=False):
-            model(input_ids=windows[b:b + batch_size].to(model.device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_windows(model, windows, hooks, batch_size)
     return stats
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from models.quant_model import DTYPES, check_bits, is_quantized_config, load_model, quantize_model, resolve_dtype
-from utils.data import expand_paths, read_texts, tokenize_texts
+from utils.data import BlockDataset, expand_paths, read_texts, tokenize_texts
 from utils.errors import InputError
 from utils.io import atomic_write
 from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
@@ -32,12 +32,10 @@ GENERATED = os.path.join("gen_data", "all_gen.jsonl")  # merge_gen_data.py's out
 @torch.inference_mode()
 def perplexity(model, ids, seq_len, batch_size=1, max_windows=None, desc="perplexity"):
     """Perplexity of token ids over non-overlapping windows of seq_len: {ppl, nll, windows, tokens}."""
-    n = len(ids) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
+    windows = BlockDataset(ids, seq_len).blocks[:max_windows].to(model.device)
+    n = len(windows)
     if n == 0:
         raise InputError(f"{len(ids)} tokens: fewer than one window of {seq_len}")
-    windows = ids[: n * seq_len].view(n, seq_len).to(model.device)
     nll = 0.0
     for i in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
         batch = windows[i:i + batch_size]
@@ -105,9 +103,10 @@ def calibration_windows(model, tokenizer, files, n, seq_len):
     """Up to n windows [n, seq_len] of the files' tokens, seq_len capped at the model's context."""
     seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
     ids = torch.cat([tokenize_texts(read_texts(f), tokenizer) for f in files])
-    if len(ids) < seq_len:
+    windows = BlockDataset(ids, seq_len).blocks[:n]
+    if len(windows) == 0:
         raise InputError(f"calibration data {files}: {len(ids)} tokens, fewer than one window of {seq_len}")
-    return ids[: min(n, len(ids) // seq_len) * seq_len].view(-1, seq_len)
+    return windows
 
 
 def parse_args(argv=None):

@@ -160,7 +160,7 @@ def test_failed_write_keeps_existing_output(tmp_path, monkeypatch):
     (tmp_path / "wiki2.jsonl").write_text('{"text": "old"}\n')
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        eval_data.write_atomic(str(tmp_path / "wiki2.jsonl"), "new")
+        eval_data.write_texts(str(tmp_path / "wiki2.jsonl"), ["new"])
     assert os.listdir(tmp_path) == ["wiki2.jsonl"] and only_line(tmp_path / "wiki2.jsonl") == "old"
 
 

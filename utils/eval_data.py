@@ -162,11 +162,6 @@ def joined(which, rows):
     return " ".join(rows)
 
 
-def write_atomic(path, text):
-    """One {"text"} line, written to a temp file (not *.jsonl, so no glob picks it up) renamed into place."""
-    write_texts(path, [text])
-
-
 def prepare(args):
     """prepare_eval_data.py: returns {set: output path}."""
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
@@ -193,6 +188,6 @@ def prepare(args):
     written = {}
     for which, (text, n_rows) in texts.items():
         written[which] = os.path.join(args.out_dir, f"{which}.jsonl")
-        write_atomic(written[which], text)
+        write_texts(written[which], [text])  # one line, atomically
         print(f"wrote {written[which]}: 1 line, {len(text)} characters from {n_rows} rows of {sources[which]}")
     return written

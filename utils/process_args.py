@@ -79,7 +79,11 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.fsdp:
             cfg = self.fsdp_config or {}
             if isinstance(cfg, str):  # a JSON string or a JSON file, as transformers reads it
-                cfg = json.loads(cfg) if cfg.startswith("{") else json.load(open(cfg))
+                if cfg.startswith("{"):
+                    cfg = json.loads(cfg)
+                else:
+                    with open(cfg) as f:
+                        cfg = json.load(f)
             cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}
             if self.fsdp_transformer_layer_cls_to_wrap:
                 cfg["transformer_layer_cls_to_wrap"] = [self.fsdp_transformer_layer_cls_to_wrap]

@@ -3,7 +3,9 @@
 Original: one sequence at a time, model.generate(input_ids, do_sample=False, max_length=j) for the
 greedy prefix, then model.generate(outputs, do_sample=True, max_length=max_length), each line appended
 to a file. Ours: batched, KV cache, ended rows dropped (generate_data.py's code path). Same model,
-dtype, start ids, prefix lengths and max_length. The last line is `speedup <X>x` (tokens/s ratio).
+dtype, start ids, prefix lengths and max_length. The peer: Hugging Face generate the obvious way, batched
+(greedy call, then sampling call), same batch size. The last two lines: `speedup_vs_hf_generate <Y>x` and
+`speedup <X>x` (tokens/s ratios against the peer and against the original loop).
 
     python benchmarks/bench_generate.py [--model assets/tiny_llama] [--num_ids 128] [--max_length 128]
 """
@@ -20,8 +22,9 @@ import transformers
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.generate import (Sampling, ShardFile, default_batch_size, eos_token_ids,  # noqa: E402
-                            load_model, plan_batches, write_sequences)
+from utils.decode import Sampling  # noqa: E402
+from utils.generate import (ShardFile, default_batch_size, eos_token_ids,  # noqa: E402
+                            load_model, plan_segments, write_sequences)
 from utils.process_args import EMBEDDED_MODEL  # noqa: E402
 
 
@@ -34,7 +37,7 @@ def parse_args():
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=None, help="ours (default: generate_data.py's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="all three sides (auto: generate_data.py's default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, both sides (default: torch's)")
     return p.parse_args()
 
@@ -54,14 +57,35 @@ def original(model, tokenizer, ids, prefix_lengths, max_length, out_file):
     return tokens
 
 
+def hf_batched(model, tokenizer, ids, prefix_lengths, max_length, batch_size, out_file):
+    """The peer: Hugging Face generate used the obvious way, batch_size sequences at a time, two calls (greedy
+    for the prefix, then sampling to max_length); returns the generated token count (up to each EOS)."""
+    eos = eos_token_ids(model)
+    pad = eos[0] if eos else 0
+    tokens = 0
+    for j in prefix_lengths:
+        for k in range(0, len(ids), batch_size):
+            input_ids = torch.tensor(ids[k:k + batch_size], device=model.device)[:, None]
+            outputs = model.generate(input_ids, do_sample=False, max_length=j, pad_token_id=pad)
+            outputs = model.generate(outputs, do_sample=True, max_length=max_length, pad_token_id=pad)
+            texts = []
+            for row in outputs.tolist():
+                end = next((n + 1 for n in range(1, len(row)) if row[n] in eos), len(row))
+                tokens += end - 1
+                texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+            with open(out_file, "a") as f:
+                f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    return tokens
+
+
 def ours(model, tokenizer, ids, prefix_lengths, max_length, batch_size, seed, out_dir):
     """generate_data.py's path for these ids; returns the generated token count."""
     shard_file = ShardFile(out_dir, 0)
     done = shard_file.open({(i, j) for j in prefix_lengths for i in ids}, {})
     try:
-        _, tokens = write_sequences(model, tokenizer, shard_file, plan_batches(ids, prefix_lengths, batch_size), done,
+        _, tokens = write_sequences(model, tokenizer, shard_file, plan_segments(ids, prefix_lengths, batch_size), done,
                                     max_length, seed, Sampling.of(model.generation_config), eos_token_ids(model),
-                                    desc="batched")
+                                    desc="batched", batch_size=batch_size)
     finally:
         shard_file.close()
     return tokens
@@ -91,11 +115,15 @@ def main():
         ours(model, tokenizer, ids[:2], [3], 8, 2, args.seed, os.path.join(tmp, "warmup"))
         t_orig, s_orig = timed(original, model, tokenizer, ids, args.prefix_lengths, max_length,
                                os.path.join(tmp, "original.jsonl"))
+        t_peer, s_peer = timed(hf_batched, model, tokenizer, ids, args.prefix_lengths, max_length, batch_size,
+                               os.path.join(tmp, "peer.jsonl"))
         t_ours, s_ours = timed(ours, model, tokenizer, ids, args.prefix_lengths, max_length, batch_size, args.seed,
                                os.path.join(tmp, "ours"))
     for name, tokens, seconds in (("original (one sequence at a time)", t_orig, s_orig),
-                                  (f"batched (batch size {batch_size})", t_ours, s_ours)):
+                                  (f"HF generate, batches of {batch_size}", t_peer, s_peer),
+                                  (f"ours (batch size {batch_size}, refilled)", t_ours, s_ours)):
         print(f"{name:36s} {n} sequences, {tokens} tokens in {seconds:.1f} s: {tokens / seconds:.0f} tokens/s")
+    print(f"speedup_vs_hf_generate {(t_ours / s_ours) / (t_peer / s_peer):.2f}x")
     print(f"speedup {(t_ours / s_ours) / (t_orig / s_orig):.1f}x")
 
 

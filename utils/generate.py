@@ -5,13 +5,13 @@ are greedy, the rest sampled with the model's generation defaults, until EOS or 
 process writes one shard, `<out_dir>/gen.chunk.XX.jsonl`: one `{"text", "start_id", "prefix_length"}`
 line per sequence.
 
-Speed: every prompt is one token (the start id), so the rows of a batch always have the same length
-(no padding, no mask), whatever their prefix lengths; one forward per token through a preallocated
-KV cache; a row that ends leaves the batch and the cache at once.
+Speed (utils/decode.py): batch_size rows decode together, one forward per token through a preallocated
+KV cache, and a row whose sequence ends is refilled at once with the next waiting one, so the batch stays
+full.
 
 Resume: each line is appended with one write() as its sequence ends. A rerun drops a torn last
-line, regenerates only the batches that are not complete (whole, so their rows see the same
-numerics as before) and writes only the missing sequences. Sampling noise comes from a generator
+line, regenerates only the segments (8 batches' worth of sequences) that are not complete (whole, so
+their rows see the same numerics as before) and writes only the missing sequences. Sampling noise comes from a generator
 seeded by (seed, start id, prefix length), so a resumed shard has the same texts as an
 uninterrupted one (same machine, same batch size).
 """
@@ -22,20 +22,21 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Cache
-from transformers.cache_utils import DynamicLayer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.quant_model import DTYPES, resolve_dtype
+from utils.decode import Sampling, generate_batch
 from utils.errors import InputError
+from utils.model_zoo import resolve_model
 from utils.process_args import EMBEDDED_MODEL
 
 logger = logging.getLogger("llm_qat.generate")
 
 MAX_BATCH_SIZE = 256  # the fastest of 32-256 on a 2-core CPU (embedded model); GPU memory binds first for 7B
+SEGMENT_BATCHES = 8  # a segment holds 8 batches of sequences: refilled rows keep the batch full for 7/8 of it
 
 
 def parse_args(argv=None):
@@ -43,7 +44,8 @@ def parse_args(argv=None):
         prog="generate_data.py", description="LLM-QAT data-free generation of one shard: "
         "CUDA_VISIBLE_DEVICES=i python generate_data.py i")
     p.add_argument("shard", type=int, help="shard index i; writes <out_dir>/gen.chunk.<i, two digits>.jsonl")
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="local HF model directory (default: the embedded model)")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="local HF model directory, or a packaged model's name "
+                   "(smollm2: tools/get_model.py); default: the embedded model")
     p.add_argument("--out_dir", default="gen_data")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--n_vocab", type=int, default=500,
@@ -58,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="sequences decoded together (default: as many as "
                    f"fit in memory with a KV cache of max_length tokens, at most {MAX_BATCH_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; each sequence draws from its own stream")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU and on CPUs "
+                   "with native bf16 (AVX512-BF16/AMX), else float32 (float32: the original's)")
     return p.parse_args(argv)
 
 
@@ -84,119 +87,13 @@ def sequence_seed(seed, start_id, prefix_length):
     return int.from_bytes(digest[:8], "little")
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """The model's sampling defaults, as model.generate(do_sample=True) applies them."""
-    temperature: float = 1.0
-    top_k: int = 50  # 0: the whole vocabulary
-    top_p: float = 1.0
-
-    @classmethod
-    def of(cls, generation_config):
-        def get(name, default):
-            value = getattr(generation_config, name, None)
-            return default if value is None else value
-        for name, neutral in (("repetition_penalty", 1.0), ("typical_p", 1.0), ("min_p", None),
-                              ("no_repeat_ngram_size", 0)):
-            if getattr(generation_config, name, None) not in (None, neutral):
-                logger.warning("generation_config.%s is not applied", name)
-        sampling = cls(float(get("temperature", 1.0)), int(get("top_k", 50)), float(get("top_p", 1.0)))
-        if sampling.temperature <= 0:
-            raise InputError(f"generation_config.temperature {sampling.temperature}: must be > 0 for sampling")
-        return sampling
-
-    def sample(self, logits, u):
-        """One token per row from softmax(logits / temperature) truncated to top-k / top-p, by inverse CDF
-        at the row's uniform u (so the draw is the row's own, whatever else is in the batch)."""
-        k = min(self.top_k or logits.shape[-1], logits.shape[-1])
-        values, indices = (logits / self.temperature).topk(k)  # sorted, most likely first
-        probs = values.softmax(-1)
-        if self.top_p < 1.0:  # keep the most likely tokens until their mass reaches top_p
-            probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p, 0.0)
-        cdf = probs.cumsum(-1)
-        choice = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=k - 1)
-        return indices.gather(-1, choice[:, None]).squeeze(-1)
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer with room for max_length tokens from the start: a step writes its key/value in
-    place, where DynamicLayer's torch.cat copies the whole cache at every step (embedded model, 2-core
-    CPU, 512 tokens: 2.3-3x the tokens/s of DynamicCache)."""
-
-    def __init__(self, max_length):
-        super().__init__()
-        self.max_length, self.length = max_length, 0
-
-    def lazy_initialization(self, key_states, value_states):
-        batch, heads, _, dim = key_states.shape
-        self.device = key_states.device
-        self.key_buffer = key_states.new_empty(batch, heads, self.max_length, dim)
-        self.value_buffer = value_states.new_empty(batch, value_states.shape[1], self.max_length, value_states.shape[3])
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self):
-        return self.length
-
-    def batch_select_indices(self, indices):
-        if self.is_initialized:
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
-
-
-@torch.inference_mode()
-def generate_batch(model, start_ids, prefix_lengths, max_length, sampling, seeds, eos_ids):
-    """Hybrid decoding of one batch, row r: greedy up to prefix_lengths[r] tokens, then sampling, until EOS or
-    max_length. Every prompt is one token, so rows stay the same length (no padding) whatever their prefix
-    length. Yields (row, token ids) for each sequence as soon as it ends."""
-    device = model.device
-    rows = torch.arange(len(start_ids), device=device)  # batch row of each live sequence
-    tokens = torch.tensor(list(start_ids), device=device)[:, None]
-    greedy_until = torch.tensor(list(prefix_lengths), device=device)
-    noise = torch.stack([torch.rand(max_length, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    noise = noise.to(device)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    layers = model.config.get_text_config().num_hidden_layers
-    cache = Cache(layers=[PreallocatedLayer(max_length) for _ in range(layers)])
-    step_input = tokens
-    while True:
-        logits = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        length = tokens.shape[1]
-        greedy = length < greedy_until
-        next_tokens = logits.argmax(-1)
-        if not greedy.all():
-            next_tokens = torch.where(greedy, next_tokens, sampling.sample(logits, noise[:, length]))
-        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-        if length + 1 == max_length:
-            yield from zip(rows.tolist(), tokens.tolist())
-            return
-        ended = torch.isin(next_tokens, eos)
-        if ended.any():
-            yield from zip(rows[ended].tolist(), tokens[ended].tolist())
-            keep = (~ended).nonzero().squeeze(1)
-            if len(keep) == 0:
-                return
-            # Ended rows leave the batch and the cache, so they cost nothing from here on.
-            rows, tokens, greedy_until, noise = rows[keep], tokens[keep], greedy_until[keep], noise[keep]
-            next_tokens = next_tokens[keep]
-            cache.batch_select_indices(keep)
-        step_input = next_tokens[:, None]
-
-
-def plan_batches(start_ids, prefix_lengths, batch_size):
-    """A shard's fixed batches of (start id, prefix length) pairs, in the original's order (prefix length,
-    then start id); a batch may span two prefix lengths, so batches stay full."""
+def plan_segments(start_ids, prefix_lengths, batch_size):
+    """A shard's fixed segments of (start id, prefix length) pairs, in the original's order (prefix length,
+    then start id). A segment (SEGMENT_BATCHES batches' worth) decodes with batch_size refilled rows and is the
+    unit of resume: an interrupted segment is regenerated whole, so its rows see the same numerics as before."""
     pairs = [(i, j) for j in prefix_lengths for i in start_ids]
-    return [pairs[k:k + batch_size] for k in range(0, len(pairs), batch_size)]
+    size = batch_size * SEGMENT_BATCHES
+    return [pairs[k:k + size] for k in range(0, len(pairs), size)]
 
 
 class ShardFile:
@@ -289,26 +186,28 @@ def default_batch_size(model, max_length):
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    per_sequence = 2 * cfg.num_hidden_layers * kv_heads * head_dim * max_length * model.dtype.itemsize
+    # keys and values of 2 * max_length slots (utils.decode: rows of different ages share the cache)
+    per_sequence = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 2 * max_length * model.dtype.itemsize
     return int(max(1, min(MAX_BATCH_SIZE, (0.8 * memory - model.get_memory_footprint()) // per_sequence)))
 
 
-def write_sequences(model, tokenizer, shard_file, batches, done, max_length, seed, sampling, eos_ids, desc):
-    """Run the batches that miss sequences and append each missing sequence as it ends.
+def write_sequences(model, tokenizer, shard_file, segments, done, max_length, seed, sampling, eos_ids, desc,
+                    batch_size):
+    """Run the segments that miss sequences and append each missing sequence as it ends.
     Returns (sequences written, their generated tokens)."""
-    total = sum(map(len, batches))
+    total = sum(map(len, segments))
     written = tokens = 0
     start = time.time()
     with tqdm(total=total, initial=len(done), unit="seq", desc=desc, dynamic_ncols=True) as bar:
-        for batch in batches:
-            if all(pair in done for pair in batch):
+        for segment in segments:
+            if all(pair in done for pair in segment):
                 continue
-            ids, prefix_lengths = zip(*batch)
-            seeds = [sequence_seed(seed, i, j) for i, j in batch]
-            for row, seq in generate_batch(model, ids, prefix_lengths, max_length, sampling, seeds, eos_ids):
-                if batch[row] in done:  # written before the interruption; regenerated only to keep the batch
+            ids, prefix_lengths = zip(*segment)
+            seeds = [sequence_seed(seed, i, j) for i, j in segment]
+            for k, seq in generate_batch(model, ids, prefix_lengths, max_length, sampling, seeds, eos_ids, batch_size):
+                if segment[k] in done:  # written before the interruption; regenerated only to keep the numerics
                     continue
-                i, j = batch[row]
+                i, j = segment[k]
                 text = tokenizer.decode(seq, skip_special_tokens=True)
                 shard_file.append({"text": text, "start_id": i, "prefix_length": j})
                 written += 1
@@ -329,10 +228,10 @@ def eos_token_ids(model):
 def load_model(path, dtype="auto"):
     """The model on the GPU if there is one, in bfloat16 there and float32 on CPU unless dtype says otherwise."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype)]).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype, cpu_bf16=True)]).to(device).eval()
 
 
-def check_args(args, config, tokenizer):
+def check_args(args, config, tokenizer, ids=None):
     """Bad arguments fail here, before anything is written. Returns (start ids, max_length)."""
     if args.max_length < 2:
         raise InputError(f"--max_length {args.max_length}: must be >= 2")
@@ -340,7 +239,10 @@ def check_args(args, config, tokenizer):
         raise InputError(f"--batch_size {args.batch_size}: must be >= 1")
     text_config = config.get_text_config()
     vocab_size = min(len(tokenizer), text_config.vocab_size)  # padded embedding rows are no tokens
-    ids = shard_ids(args.shard, vocab_size, args.n_vocab, args.num_shards)
+    if ids is None:
+        ids = shard_ids(args.shard, vocab_size, args.n_vocab, args.num_shards)
+    elif not (len(ids) and 0 <= min(ids) and max(ids) < vocab_size):
+        raise InputError(f"start ids {ids}: must be a non-empty range within the vocabulary 0-{vocab_size - 1}")
     max_length = args.max_length
     limit = getattr(text_config, "max_position_embeddings", None)
     if limit and max_length > limit:
@@ -354,8 +256,10 @@ def check_args(args, config, tokenizer):
     return ids, max_length
 
 
-def generate_shard(args):
-    """generate_data.py: write one shard, or complete an interrupted one."""
+def generate_shard(args, ids=None):
+    """generate_data.py: write one shard, or complete an interrupted one. ids (a range, any step) replaces the
+    shard's own slice of the vocabulary (the reproduction samples the vocabulary with a stride)."""
+    args.model = resolve_model(args.model)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise InputError(f"--model {args.model!r}: not a local Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(args.model)
@@ -363,9 +267,10 @@ def generate_shard(args):
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as e:
         raise InputError(f"--model {args.model!r}: cannot load its tokenizer ({e})") from None
-    ids, max_length = check_args(args, config, tokenizer)
-    dtype = resolve_dtype(args.dtype)
+    ids, max_length = check_args(args, config, tokenizer, ids)
+    dtype = resolve_dtype(args.dtype, cpu_bf16=True)
     meta = {"model": os.path.abspath(args.model), "start_ids": [ids.start, ids.stop],
+            **({"id_step": ids.step} if ids.step != 1 else {}),
             "prefix_lengths": args.prefix_lengths, "max_length": max_length, "seed": args.seed, "dtype": dtype}
     shard_file = ShardFile(args.out_dir, args.shard)
     shard_file.check_meta(meta)
@@ -379,14 +284,14 @@ def generate_shard(args):
     model = load_model(args.model, dtype)
     sampling = Sampling.of(model.generation_config)
     batch_size = args.batch_size or default_batch_size(model, max_length)
-    logger.info("%s: start ids %d-%d, prefix lengths %s, max_length %d, batch size %d, %s on %s, %s", name,
-                ids.start, ids.stop - 1, args.prefix_lengths, max_length, batch_size, dtype, model.device, sampling)
+    logger.info("%s: start ids %s, prefix lengths %s, max_length %d, batch size %d, %s on %s, %s", name,
+                f"{ids.start}-{ids.stop - 1}" + (f" step {ids.step}" if ids.step != 1 else ""), args.prefix_lengths, max_length, batch_size, dtype, model.device, sampling)
     try:
         done = shard_file.open(expected, {**meta, "num_sequences": len(expected)})
         start = time.time()
-        batches = plan_batches(ids, args.prefix_lengths, batch_size)
-        written, tokens = write_sequences(model, tokenizer, shard_file, batches, done, max_length, args.seed, sampling,
-                                          eos_token_ids(model), desc=name)
+        segments = plan_segments(ids, args.prefix_lengths, batch_size)
+        written, tokens = write_sequences(model, tokenizer, shard_file, segments, done, max_length, args.seed, sampling,
+                                          eos_token_ids(model), desc=name, batch_size=batch_size)
     finally:
         shard_file.close()
     seconds = time.time() - start

@@ -1,6 +1,6 @@
 #!/bin/sh
 # LLM-QAT: sh run_train.sh W A KV [extra train.py args]     e.g. sh run_train.sh 4 8 4 --max_steps 20
-# Environment: MODEL (HF model dir), TRAIN_DATA, EVAL_DATA (jsonl, glob or comma list), NPROC (CPU processes
+# Environment: MODEL (HF model dir, or a packaged model's name: smollm2), TRAIN_DATA, EVAL_DATA (jsonl, glob or comma list), NPROC (CPU processes
 # when no GPU is visible; default 1), OUTPUT (default output), PYTHON (default python).
 # With GPUs: one process per visible GPU, bf16, FSDP full_shard auto_wrap on the decoder layer class.
 set -e
@@ -19,6 +19,9 @@ W=$1 A=$2 KV=$3; shift 3
 PYTHON=${PYTHON:-python}
 EMBEDDED=assets/tiny_llama
 MODEL=${MODEL:-$EMBEDDED}
+if [ ! -e "$MODEL" ] && $PYTHON -c "import sys; from utils.model_zoo import MODELS; sys.exit(sys.argv[1] not in MODELS)" "$MODEL" 2>/dev/null; then
+  MODEL=$($PYTHON tools/get_model.py "$MODEL" | tail -n 1) || exit 1  # a packaged model's name, e.g. smollm2
+fi
 [ -f "$MODEL/config.json" ] || { echo "error: MODEL=$MODEL is not a local Hugging Face model directory (no config.json)" >&2; exit 1; }
 OUTPUT=${OUTPUT:-output}
 if [ -z "$TRAIN_DATA" ]; then
@@ -35,7 +38,7 @@ EVAL="--do_eval True --eval_data_local_path $EVAL_DATA"
 [ -e "$EVAL_DATA" ] || { EVAL=""; echo "note: no eval data $EVAL_DATA: skipping perplexity (set EVAL_DATA)"; }
 
 read -r NGPU BF16 <<EOT
-$($PYTHON -c "import torch; c = torch.cuda; print(c.device_count(), int(c.is_available() and c.is_bf16_supported()))")
+$($PYTHON -c "import torch; from models.quant_model import bf16_is_native as n; print(torch.cuda.device_count(), int(n()))")
 EOT
 [ -n "$NGPU" ] || { echo "error: $PYTHON cannot import torch; pip install -r requirements.txt" >&2; exit 1; }
 if [ "$NGPU" -gt 0 ]; then
@@ -44,7 +47,9 @@ if [ "$NGPU" -gt 0 ]; then
   [ "$BF16" = 1 ] && DEVICE="$DEVICE --bf16 True" || echo "note: this GPU has no bf16: training in fp32"
 else
   NPROC=${NPROC:-1}
-  DEVICE="--use_cpu True --bf16 False --dataloader_pin_memory False"
+  # bf16 autocast with fp32 master weights where the CPU multiplies bf16 natively (~1.7x the step rate of
+  # fp32 on SmolLM2 here); pass --bf16 False for fp32
+  DEVICE="--use_cpu True --bf16 $([ "$BF16" = 1 ] && echo True || echo False) --dataloader_pin_memory False"
 fi
 FSDP=""
 [ "$NPROC" -gt 1 ] && FSDP="full_shard auto_wrap"

@@ -1,0 +1,68 @@
+"""bf16 autocast (fp32 master weights) against fp32 for LLM-QAT training on a CPU, side by side in one run.
+
+The same QAT+KD run (W4-A8-KV4, batch 4 x 256 tokens, lr 1e-4, the self-generated text or any jsonl) in
+fp32 and in bf16; the median step time of each (the first 2 steps excluded) and the perplexity of each
+student on a validation text (evaluated in fp32). The last line is `bf16_step_speedup <x>`.
+
+    python benchmarks/bench_bf16.py [--model smollm2] [--steps 10] [--data assets/data/shakespeare_train.jsonl]
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.evaluate import evaluate, parse_args as eval_args  # noqa: E402
+from utils.process_args import process_args  # noqa: E402
+from utils.train_qat import run  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent / "assets" / "data"
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self.start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--data", default=str(DATA / "shakespeare_train.jsonl"))
+    p.add_argument("--valid", default=str(DATA / "milton_valid.jsonl"))
+    args = p.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for bf16 in ("False", "True"):
+            timer = StepTimer()
+            run(*process_args([
+                "--input_model_filename", args.model, "--train_data_local_path", args.data, "--local_dir", tmp,
+                "--output_model_filename", f"bf16_{bf16}", "--do_train", "True", "--qat", "True", "--w_bits", "4",
+                "--a_bits", "8", "--kv_bits", "4", "--model_max_length", "256", "--per_device_train_batch_size", "4",
+                "--max_steps", str(args.steps), "--learning_rate", "1e-4", "--save_strategy", "no", "--report_to",
+                "none", "--use_cpu", str(not torch.cuda.is_available()), "--bf16", bf16, "--log_level", "warning",
+                "--dataloader_pin_memory", "False", "--seed", "0"]), callbacks=[timer])
+            ppl = evaluate(eval_args([os.path.join(tmp, "models", f"bf16_{bf16}"), "--ppl_data", args.valid,
+                                      "--seq_len", "256", "--max_windows", "32", "--dtype", "float32"]))
+            name = "bf16" if bf16 == "True" else "fp32"
+            results[name] = (statistics.median(timer.times[2:]), next(iter(ppl["ppl"].values()))["ppl"])
+    for name, (step, ppl) in results.items():
+        print(f"{name}: median step {step:.2f} s, validation ppl {ppl:.3f} after {args.steps} steps")
+    print(f"ppl_rel_diff {results['bf16'][1] / results['fp32'][1] - 1:+.4f}")
+    print(f"bf16_step_speedup {results['fp32'][0] / results['bf16'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ from models.quant_model import DTYPES, check_bits, is_quantized_config, load_mod
 from utils.data import BlockDataset, expand_paths, read_texts, tokenize_texts
 from utils.errors import InputError
 from utils.io import atomic_write
+from utils.model_zoo import resolve_model
 from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
 
 logger = logging.getLogger("llm_qat.eval")
@@ -112,7 +113,8 @@ def calibration_windows(model, tokenizer, files, n, seq_len):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="eval.py", description="Perplexity and zero-shot accuracy of an FP model, a QAT "
                                 "checkpoint, or an FP model quantized without training (RTN).")
-    p.add_argument("model", help="local HF model directory: FP, a train.py output, or an export.py output")
+    p.add_argument("model", help="local HF model directory: FP, a train.py output, or an export.py output; or a "
+                   "packaged model's name (smollm2)")
     for name in ("w_bits", "a_bits", "kv_bits"):
         p.add_argument(f"--{name}", type=int, default=None, help="quantize an FP model without training (RTN); "
                        "an omitted width stays 32")
@@ -159,6 +161,7 @@ def default_calib_data(model_path):
 
 
 def evaluate(args):
+    args.model = resolve_model(args.model)
     setting = eval_setting(args.model, args.w_bits, args.a_bits, args.kv_bits, args.smoothquant, args.gptq)
     if args.seq_len < 2:
         raise InputError(f"--seq_len {args.seq_len}: must be >= 2")

@@ -15,6 +15,7 @@ from utils.data import load_blocks
 from utils.errors import InputError
 from utils.fsdp import weights_from_rank0
 from utils.kd_trainer import KDTrainer
+from utils.model_zoo import resolve_model
 
 logger = logging.getLogger("llm_qat")
 
@@ -50,8 +51,9 @@ def block_sizes(model_max_length, config):
     return train, min(train, 1024)
 
 
-def run(model_args, data_args, training_args):
+def run(model_args, data_args, training_args, callbacks=None):
     setup_logging(training_args)
+    model_args.input_model_filename = resolve_model(model_args.input_model_filename)
     final_dir = os.path.join(model_args.local_dir, "models", model_args.output_model_filename)
     check_inputs(model_args, training_args, final_dir)
     path = model_args.input_model_filename
@@ -82,12 +84,12 @@ def run(model_args, data_args, training_args):
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale,
                         shard_teacher=model_args.shard_teacher, args=training_args,
-                        train_dataset=train_data, eval_dataset=eval_data)
+                        train_dataset=train_data, eval_dataset=eval_data, callbacks=callbacks)
 
     if training_args.do_train:
         resume = training_args.resume_from_checkpoint
         if resume is None and os.path.isdir(training_args.output_dir):
-            resume = get_last_checkpoint(training_args.output_dir)
+            resume = last_complete_checkpoint(training_args.output_dir)
             if resume:
                 logger.info("resuming from %s", resume)
         result = trainer.train(resume_from_checkpoint=resume)
@@ -107,6 +109,41 @@ def run(model_args, data_args, training_args):
     return trainer
 
 
+def last_complete_checkpoint(output_dir):
+    """The newest checkpoint-N that was written to the end (trainer_state.json, the Trainer's last file, and
+    the model), or None. A torn newer one (a run killed while saving) is named and moved aside, not deleted."""
+    while (path := get_last_checkpoint(output_dir)) is not None:
+        files = set(os.listdir(path))
+        if "trainer_state.json" in files and ({"model.safetensors", "pytorch_model.bin"} & files
+                                               or any(f.startswith("pytorch_model_fsdp") for f in files)):
+            return path
+        aside = os.path.join(output_dir, "torn-" + os.path.basename(path))
+        logger.warning("%s is incomplete (killed while saving?): moved to %s; resuming from the one before",
+                       path, aside)
+        if os.path.exists(aside):
+            shutil.rmtree(aside)
+        os.replace(path, aside)
+    return None
+
+
+def drop_tied_copy(model_dir, config):
+    """FSDP's gathered state dict holds tied embeddings twice (lm_head.weight beside embed_tokens): keep one,
+    as save_pretrained does without FSDP, so the file has the model's size and reloads tied."""
+    path = os.path.join(model_dir, "model.safetensors")
+    if not (config.get_text_config().tie_word_embeddings and os.path.isfile(path)):
+        return
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(path, "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    head = next((k for k in keys if k.endswith("lm_head.weight")), None)
+    embed = next((k for k in keys if k.endswith("embed_tokens.weight")), None)
+    if head and embed and torch.equal(tensors[head], tensors[embed]):
+        del tensors[head]
+        save_file(tensors, path, metadata=metadata)
+
+
 def save_student(trainer, tokenizer, final_dir):
     """Save the student (safetensors, config with w/a/kv bits, tokenizer) atomically: temp dir, then rename."""
     tmp_dir = final_dir + ".tmp"
@@ -117,6 +154,7 @@ def save_student(trainer, tokenizer, final_dir):
     trainer.save_model(tmp_dir)  # every rank takes part: FSDP gathers the full state dict
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp_dir)
+        drop_tied_copy(tmp_dir, trainer.accelerator.unwrap_model(trainer.model).config)
         os.replace(tmp_dir, final_dir)
         logger.info("saved the student to %s", final_dir)
     trainer.accelerator.wait_for_everyone()

@@ -1,4 +1,5 @@
-"""reproduce_tiny.sh: the paper's table at small scale, on the embedded model.
+"""reproduce_tiny.sh: the paper's table at small scale, on the embedded model (--model tiny, default) or on
+the real SmolLM2-135M (--model smollm2; results/smollm2_table.*).
 
 Rows: FP; RTN (the same quantizers, no training); SmoothQuant (alpha 0.5) and GPTQ weights, both
 calibrated on the generated text, then the same quantizers, no training; LLM-QAT (KD on the model's own
@@ -9,13 +10,18 @@ LLM-QAT vs QAT-real is the paper's generated-vs-real ablation. Each row is held-
 three plays the model never saw plus zero-shot accuracy on the local shakespeare_nextline task.
 
 Every finished step is kept under --work_dir (generated shards, students, one json per row), so a
-rerun resumes; the table, its json and a plot go to --out_dir.
+rerun resumes; the table, its json and a plot go to --out_dir. SmolLM2 rows train with checkpoints every
+save_steps (a row killed mid-training continues from its last complete checkpoint), and every finished row's
+json is also kept in --out_dir/<table>_rows/, so a run finished over several sessions (fresh work
+directories) keeps what earlier ones computed.
 """
 import argparse
 import json
 import os
 import random
+import shutil
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,42 +31,91 @@ from utils.evaluate import evaluate, parse_args as eval_args, write_json
 from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL, REPO
 
 BITS = ("4-8-4", "4-8-8", "4-16-16", "8-8-4", "8-8-8")
-REAL_TEXT = str(REPO / "assets" / "data" / "shakespeare_train.jsonl")
+DATA = REPO / "assets" / "data"
+REAL_TEXT = str(DATA / "shakespeare_train.jsonl")
 TASK = "shakespeare_nextline"
-# Generation modes: greedy prefix length (start id included) of the single sequence per start id.
-GENERATION = {"hybrid": 3, "sampling": 1, "greedy": None}  # None: max_length (never samples)
-# full: the committed table (~1 h on 2 CPU cores); quick: the same files in a few minutes (CI).
-SETTINGS = {
-    "full": dict(start_ids=(0, 2048), gen_length=256, blocks=1536, epochs=1, lr=2e-5, eval_windows=None, limit=None),
-    "quick": dict(start_ids=(320, 384), gen_length=128, blocks=24, epochs=3, lr=2e-5, eval_windows=96, limit=60),
-}
 
 
-def rows_to_run():
+@dataclass(frozen=True)
+class Profile:
+    """One model's reproduction: which rows, which texts, and the full / quick settings."""
+    model: str  # a path or a packaged model's name (utils.model_zoo)
+    table: str  # output file stem
+    title: str
+    bits: tuple
+    ppl_texts: dict  # name -> jsonl; the first is the table's "Held-out ppl" column
+    settings: dict  # "full" / "quick" -> dict (see SETTINGS)
+    # generation modes: greedy prefix lengths (start id included) per start id; None: max_length (never samples)
+    generation: dict = field(default_factory=lambda: {"hybrid": (3,), "sampling": (1,), "greedy": (None,)})
+    gen_dtype: str = "float32"
+    train_bf16: bool = False  # bf16 autocast with fp32 master weights (CPUs with native bf16)
+    eval_dtype: str = "float32"
+
+
+TINY = Profile(
+    EMBEDDED_MODEL, "tiny_table", "the embedded 4M-parameter LLaMA", BITS, {"shakespeare_eval": EMBEDDED_EVAL}, {
+        # start ids: range(*start_ids) for every mode
+        "full": dict(start_ids=(0, 2048), gen_length=256, blocks=1536, epochs=1, lr=2e-5, eval_windows=None,
+                     limit=None),
+        "quick": dict(start_ids=(320, 384), gen_length=128, blocks=24, epochs=3, lr=2e-5, eval_windows=96, limit=60),
+    })
+SMOLLM2 = Profile(
+    "smollm2", "smollm2_table", "SmolLM2-135M (a real pretrained LLaMA)", ("4-8-4", "4-8-8", "4-16-16", "8-8-8"),
+    {"shakespeare_eval": EMBEDDED_EVAL, "milton_areopagitica": str(DATA / "milton_areopagitica.jsonl")}, {
+        # start ids: range(*start_ids) for the hybrid (3 sequences per id: j = 3, 4, 5), range(*ablation_ids)
+        # for the one-sequence-per-id ablations, so every corpus has about the same number of sequences
+        "full": dict(start_ids=(0, 49152, 48), ablation_ids=(0, 49152, 16), gen_length=256, blocks=1200, epochs=1,
+                     lr=None, tune_blocks=200, lr_candidates=(2e-5, 1e-4, 3e-4), eval_windows=64, limit=200,
+                     save_steps=50),
+        "quick": dict(start_ids=(0, 49152, 1536), ablation_ids=(0, 49152, 512), gen_length=64, blocks=8, epochs=1,
+                      lr=None, tune_blocks=4, lr_candidates=(2e-5, 1e-4), eval_windows=4, limit=8, save_steps=4),
+    },
+    generation={"hybrid": (3, 4, 5), "sampling": (1,), "greedy": (None,)},
+    gen_dtype="bfloat16", train_bf16=True, eval_dtype="float32")
+PROFILES = {"tiny": TINY, "smollm2": SMOLLM2}
+SETTINGS = TINY.settings
+
+
+def rows_to_run(profile=TINY):
     """(method, bits, training data or None) of every row, in table order."""
-    rows = [("FP", "32-32-32", None)] + [("RTN", b, None) for b in BITS]
-    rows += [("SmoothQuant", b, "calib") for b in BITS] + [("GPTQ", b, "calib") for b in BITS]
-    rows += [("LLM-QAT", b, "hybrid") for b in BITS] + [("QAT-real", b, "real") for b in BITS]
+    bits = profile.bits
+    rows = [("FP", "32-32-32", None)] + [("RTN", b, None) for b in bits]
+    rows += [("SmoothQuant", b, "calib") for b in bits] + [("GPTQ", b, "calib") for b in bits]
+    rows += [("LLM-QAT", b, "hybrid") for b in bits] + [("QAT-real", b, "real") for b in bits]
     rows += [("LLM-QAT (pure sampling)", "4-8-4", "sampling"), ("LLM-QAT (pure greedy)", "4-8-4", "greedy")]
     return rows
+
+
+def run_order(rows):
+    """The order rows are computed in: the 4-8-4 comparison first (a run cut short still has the headline)."""
+    def key(row):
+        method, bits, _ = row
+        return (bits != "4-8-4" and method != "FP", rows.index(row))
+    return sorted(rows, key=key)
 
 
 def slug(method, bits):
     return f"{method.replace(' ', '_').replace('(', '').replace(')', '')}_{bits}"
 
 
-def generated_text(mode, s, work):
-    """Generate one sequence per start id with this mode, shuffled into one training file (resumable)."""
+def generated_text(mode, s, work, profile=TINY):
+    """Generate this mode's sequences (greedy prefix lengths per start id), shuffled into one training file
+    (resumable: the shard completes, then the merge)."""
     from utils.generate import generate_shard, parse_args as gen_args
     from utils.merge import merge_shards, parse_args as merge_args
     out = os.path.join(work, f"gen_{mode}.jsonl")
     if not os.path.exists(out):
-        first, last = s["start_ids"]
+        ids = range(*s["start_ids"] if mode == "hybrid" or "ablation_ids" not in s else s["ablation_ids"])
         gen_dir = os.path.join(work, f"gen_{mode}")
-        prefix = GENERATION[mode] or s["gen_length"]
-        # shard first // n of n-id shards is exactly ids [first, last)
-        generate_shard(gen_args([str(first // (last - first)), "--n_vocab", str(last - first), "--out_dir", gen_dir,
-                                 "--max_length", str(s["gen_length"]), "--prefix_lengths", str(prefix)]))
+        prefixes = [str(j or s["gen_length"]) for j in profile.generation[mode]]
+        argv = ["0", "--model", profile.model, "--out_dir", gen_dir, "--max_length", str(s["gen_length"]),
+                "--prefix_lengths", *prefixes]
+        argv += ["--dtype", profile.gen_dtype]
+        if ids.step == 1:  # shard first // n of n-id shards is exactly ids [first, last)
+            argv[0] = str(ids.start // len(ids))
+            generate_shard(gen_args(argv + ["--n_vocab", str(len(ids))]))
+        else:
+            generate_shard(gen_args(argv), ids=ids)
         merge_shards(merge_args(["--gen_dir", gen_dir, "--out", out, "--shuffle", "--seed", "0"]))
     return out
 
@@ -75,25 +130,30 @@ def real_text(work):
     return out
 
 
-def train(method, bits, data, s, work):
-    """LLM-QAT training through train.py's own code path; returns the student's directory and seconds."""
+def train(method, bits, data, s, work, profile=TINY, lr=None):
+    """LLM-QAT training through train.py's own code path; returns the student's directory and seconds.
+    With save_steps, Trainer checkpoints go to <work>/checkpoints/<row> and a rerun resumes from the last one."""
     from utils.process_args import process_args
     from utils.train_qat import run
-    name = slug(method, bits)
+    name = slug(method, bits) + ("" if lr is None else f"_lr{lr:g}")
     model_dir = os.path.join(work, "models", name)
     if os.path.isdir(model_dir):
         return model_dir, None
     w, a, kv = bits.split("-")
     device = [] if torch.cuda.is_available() else ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
+    save = ["--save_strategy", "no"]
+    if s.get("save_steps"):
+        save = ["--save_strategy", "steps", "--save_steps", str(s["save_steps"]), "--save_total_limit", "1"]
     start = time.time()
     run(*process_args([
-        "--input_model_filename", EMBEDDED_MODEL, "--train_data_local_path", data, "--local_dir", work,
+        "--input_model_filename", profile.model, "--train_data_local_path", data, "--local_dir", work,
         "--output_model_filename", name, "--do_train", "True", "--do_eval", "False",
         "--qat", "True", "--w_bits", w, "--a_bits", a, "--kv_bits", kv, "--use_kd", "True", "--kd_loss_scale", "1.0",
         "--model_max_length", "256", "--per_device_train_batch_size", "4", "--max_train_samples", str(s["blocks"]),
-        "--num_train_epochs", str(s["epochs"]), "--learning_rate", str(s["lr"]), "--lr_scheduler_type", "cosine",
-        "--warmup_steps", "0", "--weight_decay", "0", "--seed", "0", "--logging_steps", "10",
-        "--save_strategy", "no", "--report_to", "none", "--bf16", "False", "--log_level", "warning", *device]))
+        "--num_train_epochs", str(s["epochs"]), "--learning_rate", str(lr or s["lr"]), "--lr_scheduler_type", "cosine",
+        "--warmup_steps", "0", "--weight_decay", "0", "--seed", "0", "--logging_steps", "10", *save,
+        "--report_to", "none", "--bf16", str(profile.train_bf16), "--log_level", "warning", *device]))
+    shutil.rmtree(os.path.join(work, "checkpoints", name), ignore_errors=True)  # the student is saved: free the disk
     return model_dir, time.time() - start
 
 
@@ -101,27 +161,38 @@ def row_path(method, bits, work):
     return os.path.join(work, "rows", slug(method, bits) + ".json")
 
 
-def row_result(method, bits, data, s, work):
+def evaluate_row(model, rtn, s, profile, texts=None):
+    """eval.py on a model: perplexity on each text, zero-shot TASK."""
+    texts = texts or profile.ppl_texts
+    argv = [model, *rtn, "--ppl_data", *texts.values(), "--seq_len", "256", "--tasks", TASK, "--batch_size", "8"]
+    if profile is not TINY:
+        argv += ["--dtype", profile.eval_dtype]
+    argv += ["--max_windows", str(s["eval_windows"])] if s["eval_windows"] else []
+    argv += ["--limit", str(s["limit"])] if s["limit"] else []
+    return evaluate(eval_args(argv))
+
+
+def row_result(method, bits, data, s, work, profile=TINY, keep_dir=None):
     path = row_path(method, bits, work)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    kept = None if keep_dir is None else os.path.join(keep_dir, os.path.basename(path))
+    for p in (path, kept):
+        if p and os.path.exists(p):
+            with open(p) as f:
+                return json.load(f)
     train_seconds = None
     if data in (None, "calib"):
-        model, w, a, kv = EMBEDDED_MODEL, *bits.split("-")
+        model, (w, a, kv) = profile.model, bits.split("-")
         rtn = [] if method == "FP" else ["--w_bits", w, "--a_bits", a, "--kv_bits", kv]
         if data == "calib":  # data-free baselines: calibrated on the same generated text LLM-QAT trains on
             rtn += ["--smoothquant", "0.5"] if method == "SmoothQuant" else ["--gptq"]
-            rtn += ["--calib_data", generated_text("hybrid", s, work)]
+            rtn += ["--calib_data", generated_text("hybrid", s, work, profile)]
     else:
-        source = real_text(work) if data == "real" else generated_text(data, s, work)
-        model, train_seconds = train(method, bits, source, s, work)
+        source = real_text(work) if data == "real" else generated_text(data, s, work, profile)
+        model, train_seconds = train(method, bits, source, s, work, profile, s.get("chosen_lr"))
         rtn = []
-    argv = [model, *rtn, "--ppl_data", EMBEDDED_EVAL, "--seq_len", "256", "--tasks", TASK, "--batch_size", "8"]
-    argv += ["--max_windows", str(s["eval_windows"])] if s["eval_windows"] else []
-    argv += ["--limit", str(s["limit"])] if s["limit"] else []
-    r = evaluate(eval_args(argv))
-    ppl, task = r["ppl"]["shakespeare_eval"], r["tasks"][TASK]
+    r = evaluate_row(model, rtn, s, profile)
+    first = next(iter(profile.ppl_texts))
+    ppl, task = r["ppl"][first], r["tasks"][TASK]
     row = {"method": method, "bits": bits, "ppl": round(ppl["ppl"], 4), "acc": round(task["acc"], 4),
            "acc_norm": None if task.get("acc_norm") is None else round(task["acc_norm"], 4),
            "data": {None: "none", "real": "real text", "calib": "calibration: generated (hybrid)"}.get(
@@ -129,46 +200,124 @@ def row_result(method, bits, data, s, work):
            "train_tokens": None if data in (None, "calib") else s["blocks"] * 256 * s["epochs"],
            "train_seconds": None if train_seconds is None else round(train_seconds, 1),
            "eval_windows": ppl["windows"], "task_docs": task["n"]}
+    if profile is not TINY:
+        row["ppl_by_text"] = {name: round(v["ppl"], 4) for name, v in r["ppl"].items()}
     write_json(path, row)
+    if kept:
+        write_json(kept, row)
     return row
 
 
-def targets(rows):
-    """The issue's two targets, measured: gap recovery at 4-8-4, LLM-QAT 8-8-8 against FP."""
-    ppl = {(r["method"], r["bits"]): r["ppl"] for r in rows}
-    fp = ppl[("FP", "32-32-32")]
-    rtn, qat = ppl[("RTN", "4-8-4")], ppl[("LLM-QAT", "4-8-4")]
-    gap = rtn - fp
-    return {"recovered_gap_4-8-4": (rtn - qat) / gap if gap > 0 else None,
-            "llm_qat_8-8-8_over_fp": ppl[("LLM-QAT", "8-8-8")] / fp}
+def choose_lr(s, work, profile, keep_dir):
+    """The learning rate of every trained row, chosen on the validation text (milton_valid) only: LLM-QAT
+    4-8-4 for tune_blocks blocks at each candidate; the lowest validation perplexity wins."""
+    path = os.path.join(keep_dir or os.path.join(work, "rows"), "lr_choice.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    data = generated_text("hybrid", s, work, profile)
+    tune = {**s, "blocks": s["tune_blocks"], "save_steps": None}
+    tried = {}
+    for lr in s["lr_candidates"]:
+        model, _ = train("tune_LLM-QAT", "4-8-4", data, tune, work, profile, lr)
+        r = evaluate(eval_args([model, "--ppl_data", str(DATA / "milton_valid.jsonl"), "--seq_len", "256",
+                                "--dtype", profile.eval_dtype]
+                               + (["--max_windows", str(s["eval_windows"])] if s["eval_windows"] else [])))
+        tried[f"{lr:g}"] = round(r["ppl"]["milton_valid"]["ppl"], 4)
+        print(f"lr {lr:g}: milton_valid ppl {tried[f'{lr:g}']} after {s['tune_blocks']} blocks", flush=True)
+    choice = {"tried": tried, "blocks": s["tune_blocks"], "lr": float(min(tried, key=tried.get)),
+              "text": "milton_valid"}
+    write_json(path, choice)
+    return choice
+
+
+def targets(rows, profile=TINY):
+    """The targets, measured on the rows there are: gap recovery at 4-8-4 (per text), LLM-QAT 8-8-8 against FP,
+    LLM-QAT against GPTQ / SmoothQuant / QAT-real per setting, the generation ablation's order."""
+    def ppl(method, bits, text=None):
+        r = next((r for r in rows if r["method"] == method and r["bits"] == bits), None)
+        return None if r is None else r["ppl"] if text is None else r.get("ppl_by_text", {}).get(text)
+
+    def recovery(text=None):
+        fp, rtn, qat = ppl("FP", "32-32-32", text), ppl("RTN", "4-8-4", text), ppl("LLM-QAT", "4-8-4", text)
+        return None if None in (fp, rtn, qat) or rtn <= fp else (rtn - qat) / (rtn - fp)
+
+    fp, q8 = ppl("FP", "32-32-32"), ppl("LLM-QAT", "8-8-8")
+    out = {"recovered_gap_4-8-4": recovery(), "llm_qat_8-8-8_over_fp": None if None in (fp, q8) else q8 / fp}
+    if profile is TINY:
+        return out
+    out["recovered_gap_4-8-4_by_text"] = {t: recovery(t) for t in profile.ppl_texts}
+    for other in ("GPTQ", "SmoothQuant", "QAT-real"):
+        out[f"llm_qat_beats_{other}"] = {b: None if None in (ppl("LLM-QAT", b), ppl(other, b))
+                                         else ppl("LLM-QAT", b) < ppl(other, b) for b in profile.bits}
+    order = [ppl("LLM-QAT", "4-8-4"), ppl("LLM-QAT (pure sampling)", "4-8-4"), ppl("LLM-QAT (pure greedy)", "4-8-4")]
+    out["ablation_in_paper_order"] = None if None in order else order[0] <= order[1] <= order[2]
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="reproduce_tiny.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(PROFILES), default="tiny", help="tiny: the embedded model "
+                   "(results/tiny_table.*); smollm2: SmolLM2-135M (results/smollm2_table.*; hours on 2 CPU cores)")
     p.add_argument("--quick", action="store_true", help="a few minutes, fewer steps and documents (CI)")
     p.add_argument("--out_dir", default=None, help="table, json and plot (default: results, results/quick)")
     p.add_argument("--work_dir", default=None, help="generated data, students, row results; a rerun resumes "
-                   "(default: output/reproduce_tiny[_quick])")
+                   "(default: output/reproduce_<model>[_quick])")
+    p.add_argument("--settings", default=None, help="JSON overriding settings of the mode, e.g. "
+                   "'{\"blocks\": 400}' (recorded in the work directory's settings.json)")
+    p.add_argument("--report_only", action="store_true", help="write the table from the rows finished so far "
+                   "(the others marked pending); computes nothing")
     args = p.parse_args(argv)
+    profile = PROFILES[args.model]
     mode = "quick" if args.quick else "full"
-    s = SETTINGS[mode]
+    s = dict(profile.settings[mode])
+    s.update(json.loads(args.settings or "{}"))
     out_dir = args.out_dir or str(REPO / "results" / ("quick" if args.quick else ""))
-    work = os.path.abspath(args.work_dir or str(REPO / "output" / f"reproduce_tiny{'_quick' if args.quick else ''}"))
+    default_work = f"reproduce_{args.model}{'_quick' if args.quick else ''}"
+    work = os.path.abspath(args.work_dir or str(REPO / "output" / default_work))
+    keep_dir = None if profile is TINY else os.path.join(out_dir, f"{profile.table}_rows")
     os.makedirs(work, exist_ok=True)
-    meta_path, meta = os.path.join(work, "settings.json"), {"mode": mode, **s}
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            if json.load(f) != json.loads(json.dumps(meta)):
-                raise InputError(f"--work_dir {work} holds a run with other settings; remove it or pick another")
-    write_json(meta_path, meta)
-    rows, start = [], time.time()
-    plan = rows_to_run()
-    for k, (method, bits, data) in enumerate(plan, 1):
-        cached = " (done before)" if os.path.exists(row_path(method, bits, work)) else ""
-        print(f"[{k}/{len(plan)}] {method} {bits}{cached} ({time.time() - start:.0f} s so far)", flush=True)
-        rows.append(row_result(method, bits, data, s, work))
+    meta = {"mode": mode, **s} if profile is TINY else {"model": args.model, "mode": mode, **s}
+    for directory in filter(None, (work, keep_dir)):
+        meta_path = os.path.join(directory, "settings.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                if json.load(f) != json.loads(json.dumps(meta)):
+                    raise InputError(f"{directory} holds a run with other settings; remove it or pick another "
+                                     "--work_dir / --out_dir")
+        elif not args.report_only:
+            write_json(meta_path, meta)
+    plan, start = rows_to_run(profile), time.time()
+    results = {}
+    if not args.report_only:
+        for k, (method, bits, data) in enumerate(run_order(plan), 1):
+            done = any(os.path.exists(q) for q in (row_path(method, bits, work), keep_dir and
+                                                     os.path.join(keep_dir, slug(method, bits) + ".json")) if q)
+            if not done and data not in (None, "calib") and s.get("lr") is None and "chosen_lr" not in s:
+                choice = choose_lr(s, work, profile, keep_dir)  # before the first trained row
+                s["chosen_lr"], s["lr_choice"] = choice["lr"], choice
+                print(f"learning rate {choice['lr']:g} (milton_valid ppl {choice['tried']})", flush=True)
+            cached = " (done before)" if done else ""
+            print(f"[{k}/{len(plan)}] {method} {bits}{cached} ({time.time() - start:.0f} s so far)", flush=True)
+            results[(method, bits)] = row_result(method, bits, data, s, work, profile, keep_dir)
+    else:
+        for method, bits, _ in plan:
+            for q in (row_path(method, bits, work), keep_dir and os.path.join(keep_dir, slug(method, bits) + ".json")):
+                if q and os.path.exists(q):
+                    with open(q) as f:
+                        results[(method, bits)] = json.load(f)
+                    break
+    if "lr_choice" not in s:
+        choice_path = keep_dir and os.path.join(keep_dir, "lr_choice.json")
+        if choice_path and os.path.exists(choice_path):
+            with open(choice_path) as f:
+                s["lr_choice"] = json.load(f)
+            s["chosen_lr"] = s["lr_choice"]["lr"]
+    rows = [results[(m, b)] for m, b, _ in plan if (m, b) in results]
+    pending = [(m, b) for m, b, _ in plan if (m, b) not in results]
     from utils.report import write_report
-    write_report(rows, targets(rows), mode, s, out_dir)
-    print(f"{len(rows)} rows in {time.time() - start:.0f} s -> {out_dir}/tiny_table.md, .json, .png")
+    write_report(rows, targets(rows, profile), mode, s, out_dir, profile, pending)
+    print(f"{len(rows)} rows in {time.time() - start:.0f} s -> {out_dir}/{profile.table}.md, .json, .png"
+          + (f" ({len(pending)} pending)" if pending else ""))
     return rows

@@ -186,3 +186,59 @@ def test_smollm2_from_the_cache_has_the_facts_of_the_reference():
     cfg = json.load(open(os.path.join(path, "config.json")))
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
             cfg["vocab_size"], cfg["tie_word_embeddings"]) == (30, 576, 9, 3, 49152, True)
+
+
+def test_resume_skips_a_torn_newest_checkpoint_and_sets_it_aside(tmp_path):
+    """A run killed while writing checkpoint-20 (no trainer_state.json yet): resume from checkpoint-10, and
+    checkpoint-20 is moved to torn-checkpoint-20 (kept, never resumed from)."""
+    from utils.train_qat import last_complete_checkpoint
+    for step, files in ((10, ("model.safetensors", "optimizer.pt", "trainer_state.json")),
+                        (20, ("model.safetensors", "optimizer.pt"))):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in files:
+            (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"x")
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "torn-checkpoint-20"]
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(str(tmp_path)) is None  # none complete: start from the beginning
+
+
+def test_every_entry_point_runs_on_the_smollm2_shaped_model(bpe_model_dir, tmp_path):
+    """run_generate.sh (2 CPU shards over the whole BPE vocabulary), merge_gen_data.py, run_train_chunk.sh with
+    2 processes, eval.py (the QAT student; RTN, SmoothQuant and GPTQ of the FP model; zero-shot)."""
+    env = {**os.environ, "PYTHON": sys.executable, "LOG_DIR": str(tmp_path / "logs")}
+
+    def sh(*cmd, extra=None):
+        proc = subprocess.run(list(cmd), cwd=REPO, env={**env, **(extra or {})}, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    gen = tmp_path / "gen"
+    sh("sh", "run_generate.sh", "2", "--model", str(bpe_model_dir), "--max_length", "12", "--out_dir", str(gen))
+    sh(sys.executable, "merge_gen_data.py", "--gen_dir", str(gen), "--out", str(tmp_path / "all.jsonl"))
+    vocab = len(AutoTokenizer.from_pretrained(bpe_model_dir))
+    assert sum(1 for _ in open(tmp_path / "all.jsonl")) == 3 * vocab
+    sh("sh", "run_train_chunk.sh", "4", "8", "4", "--model_max_length", "32", "--per_device_train_batch_size", "1",
+       "--max_steps", "2", "--report_to", "none", "--save_strategy", "no",
+       extra={"GEN_DIR": str(gen), "MODEL": str(bpe_model_dir), "NPROC": "2", "OUTPUT": str(tmp_path / "out"),
+              "EVAL_DATA": "assets/data/milton_valid.jsonl"})
+    student = tmp_path / "out" / "models" / "W4A8KV4"
+    common = ["--ppl_data", "assets/data/milton_valid.jsonl", "--seq_len", "64", "--max_windows", "4"]
+    ppl = {}
+    for name, argv in (("student", [str(student), "--tasks", "shakespeare_nextline", "--limit", "4"]),
+                       ("RTN", [str(bpe_model_dir), "--w_bits", "4", "--a_bits", "8", "--kv_bits", "4"]),
+                       ("SmoothQuant", [str(bpe_model_dir), "--w_bits", "4", "--a_bits", "8", "--kv_bits", "4",
+                                        "--smoothquant", "0.5", "--calib_data", str(tmp_path / "all.jsonl"),
+                                        "--calib_seq_len", "16"]),
+                       ("GPTQ", [str(bpe_model_dir), "--w_bits", "4", "--a_bits", "8", "--kv_bits", "4", "--gptq",
+                                 "--calib_data", str(tmp_path / "all.jsonl"), "--calib_seq_len", "16"])):
+        out = tmp_path / f"{name}.json"
+        sh(sys.executable, "eval.py", *argv, *common, "--output_json", str(out))
+        result = json.load(open(out))
+        ppl[name] = result["ppl"]["milton_valid"]["ppl"]
+        if name == "student":
+            assert result["method"] == "QAT" and result["tasks"]["shakespeare_nextline"]["n"] == 4
+        else:
+            assert result["method"] == name
+    assert all(1 < p < 1e6 for p in ppl.values()), ppl

@@ -38,7 +38,8 @@ EVAL="--do_eval True --eval_data_local_path $EVAL_DATA"
 [ -e "$EVAL_DATA" ] || { EVAL=""; echo "note: no eval data $EVAL_DATA: skipping perplexity (set EVAL_DATA)"; }
 
 read -r NGPU BF16 <<EOT
-$($PYTHON -c "import torch; from models.quant_model import bf16_is_native as n; print(torch.cuda.device_count(), int(n()))")
+$($PYTHON -c "import sys, torch; from transformers import AutoConfig; from models.quant_model import bf16_pays
+print(torch.cuda.device_count(), int(bf16_pays(AutoConfig.from_pretrained(sys.argv[1]))))" "$MODEL")
 EOT
 [ -n "$NGPU" ] || { echo "error: $PYTHON cannot import torch; pip install -r requirements.txt" >&2; exit 1; }
 if [ "$NGPU" -gt 0 ]; then
@@ -47,8 +48,8 @@ if [ "$NGPU" -gt 0 ]; then
   [ "$BF16" = 1 ] && DEVICE="$DEVICE --bf16 True" || echo "note: this GPU has no bf16: training in fp32"
 else
   NPROC=${NPROC:-1}
-  # bf16 autocast with fp32 master weights where the CPU multiplies bf16 natively (~1.7x the step rate of
-  # fp32 on SmolLM2 here); pass --bf16 False for fp32
+  # bf16 autocast with fp32 master weights where the CPU multiplies bf16 natively and the model is wide enough
+  # for it to pay (1.7x the fp32 step rate on SmolLM2 here; the embedded model stays fp32); --bf16 False: fp32
   DEVICE="--use_cpu True --bf16 $([ "$BF16" = 1 ] && echo True || echo False) --dataloader_pin_memory False"
 fi
 FSDP=""

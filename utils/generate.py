@@ -60,8 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="sequences decoded together (default: as many as "
                    f"fit in memory with a KV cache of max_length tokens, at most {MAX_BATCH_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; each sequence draws from its own stream")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU and on CPUs "
-                   "with native bf16 (AVX512-BF16/AMX), else float32 (float32: the original's)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU, and on CPUs "
+                   "with native bf16 (AVX512-BF16/AMX) for models of hidden size >= 512; else float32 (the original's)")
     return p.parse_args(argv)
 
 
@@ -226,9 +226,10 @@ def eos_token_ids(model):
 
 
 def load_model(path, dtype="auto"):
-    """The model on the GPU if there is one, in bfloat16 there and float32 on CPU unless dtype says otherwise."""
+    """The model on the GPU if there is one; dtype "auto": bfloat16 where it pays (models.quant_model.bf16_pays)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype, cpu_bf16=True)]).to(device).eval()
+    dtype = DTYPES[resolve_dtype(dtype, AutoConfig.from_pretrained(path))]
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def check_args(args, config, tokenizer, ids=None):
@@ -268,7 +269,7 @@ def generate_shard(args, ids=None):
     except (OSError, ValueError) as e:
         raise InputError(f"--model {args.model!r}: cannot load its tokenizer ({e})") from None
     ids, max_length = check_args(args, config, tokenizer, ids)
-    dtype = resolve_dtype(args.dtype, cpu_bf16=True)
+    dtype = resolve_dtype(args.dtype, config)
     meta = {"model": os.path.abspath(args.model), "start_ids": [ids.start, ids.stop],
             **({"id_step": ids.step} if ids.step != 1 else {}),
             "prefix_lengths": args.prefix_lengths, "max_length": max_length, "seed": args.seed, "dtype": dtype}

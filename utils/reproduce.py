@@ -64,8 +64,8 @@ SMOLLM2 = Profile(
     {"shakespeare_eval": EMBEDDED_EVAL, "milton_areopagitica": str(DATA / "milton_areopagitica.jsonl")}, {
         # start ids: range(*start_ids) for the hybrid (3 sequences per id: j = 3, 4, 5), range(*ablation_ids)
         # for the one-sequence-per-id ablations, so every corpus has about the same number of sequences
-        "full": dict(start_ids=(0, 49152, 48), ablation_ids=(0, 49152, 16), gen_length=256, blocks=1200, epochs=1,
-                     lr=None, tune_blocks=200, lr_candidates=(2e-5, 1e-4, 3e-4), eval_windows=64, limit=200,
+        "full": dict(start_ids=(0, 49152, 96), ablation_ids=(0, 49152, 32), gen_length=256, blocks=600, epochs=1,
+                     lr=None, tune_blocks=120, lr_candidates=(2e-5, 1e-4, 3e-4), eval_windows=64, limit=200,
                      save_steps=50),
         "quick": dict(start_ids=(0, 49152, 1536), ablation_ids=(0, 49152, 512), gen_length=64, blocks=8, epochs=1,
                       lr=None, tune_blocks=4, lr_candidates=(2e-5, 1e-4), eval_windows=4, limit=8, save_steps=4),
@@ -86,11 +86,17 @@ def rows_to_run(profile=TINY):
     return rows
 
 
+HEADLINE = ("FP", "RTN", "LLM-QAT", "GPTQ", "SmoothQuant", "QAT-real")
+
+
 def run_order(rows):
-    """The order rows are computed in: the 4-8-4 comparison first (a run cut short still has the headline)."""
+    """The order rows are computed in: the 4-8-4 comparison first, FP, RTN and LLM-QAT leading (a run cut short
+    still has the headline), then the ablations, then the other settings in table order."""
     def key(row):
         method, bits, _ = row
-        return (bits != "4-8-4" and method != "FP", rows.index(row))
+        if method == "FP" or (bits == "4-8-4" and method in HEADLINE):
+            return (0, HEADLINE.index(method))
+        return (1 if bits == "4-8-4" else 2, rows.index(row))
     return sorted(rows, key=key)
 
 

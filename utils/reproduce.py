@@ -178,13 +178,21 @@ def evaluate_row(model, rtn, s, profile, texts=None):
     return evaluate(eval_args(argv))
 
 
-def row_result(method, bits, data, s, work, profile=TINY, keep_dir=None):
+def saved_row(method, bits, work, keep_dir=None):
+    """A row finished before: under the work directory, or kept in keep_dir by an earlier session; else None."""
     path = row_path(method, bits, work)
-    kept = None if keep_dir is None else os.path.join(keep_dir, os.path.basename(path))
-    for p in (path, kept):
+    for p in (path, keep_dir and os.path.join(keep_dir, os.path.basename(path))):
         if p and os.path.exists(p):
             with open(p) as f:
                 return json.load(f)
+    return None
+
+
+def row_result(method, bits, data, s, work, profile=TINY, keep_dir=None):
+    if (row := saved_row(method, bits, work, keep_dir)) is not None:
+        return row
+    path = row_path(method, bits, work)
+    kept = None if keep_dir is None else os.path.join(keep_dir, os.path.basename(path))
     train_seconds = None
     if data in (None, "calib"):
         model, (w, a, kv) = profile.model, bits.split("-")
@@ -298,8 +306,7 @@ def main(argv=None):
     results = {}
     if not args.report_only:
         for k, (method, bits, data) in enumerate(run_order(plan), 1):
-            done = any(os.path.exists(q) for q in (row_path(method, bits, work), keep_dir and
-                                                     os.path.join(keep_dir, slug(method, bits) + ".json")) if q)
+            done = saved_row(method, bits, work, keep_dir) is not None
             if not done and data not in (None, "calib") and s.get("lr") is None and "chosen_lr" not in s:
                 choice = choose_lr(s, work, profile, keep_dir)  # before the first trained row
                 s["chosen_lr"], s["lr_choice"] = choice["lr"], choice
@@ -309,11 +316,8 @@ def main(argv=None):
             results[(method, bits)] = row_result(method, bits, data, s, work, profile, keep_dir)
     else:
         for method, bits, _ in plan:
-            for q in (row_path(method, bits, work), keep_dir and os.path.join(keep_dir, slug(method, bits) + ".json")):
-                if q and os.path.exists(q):
-                    with open(q) as f:
-                        results[(method, bits)] = json.load(f)
-                    break
+            if (row := saved_row(method, bits, work, keep_dir)) is not None:
+                results[(method, bits)] = row
     if "lr_choice" not in s:
         choice_path = keep_dir and os.path.join(keep_dir, "lr_choice.json")
         if choice_path and os.path.exists(choice_path):

@@ -6,11 +6,11 @@
 Every flag: python eval.py --help.
 """
 from utils.errors import cli
-from utils.evaluate import evaluate, parse_args
+from utils.evaluate import main as evaluate_main
 
 
 def main():
-    cli(lambda: evaluate(parse_args()))
+    cli(evaluate_main)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ All shards on all GPUs: sh run_generate.sh. Every flag: python generate_data.py 
 import logging
 
 from utils.errors import cli
-from utils.generate import generate_shard, parse_args
+from utils.generate import main as generate_main
 
 
 def main(argv=None):
-    cli(lambda: generate_shard(parse_args(argv)))
+    cli(lambda: generate_main(argv))
 
 
 if __name__ == "__main__":

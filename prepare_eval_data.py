@@ -2,11 +2,11 @@
 [--which wiki2 c4] [--wikitext_file wiki.test.raw | --wikitext_dir DIR] [--c4_file c4-validation...json.gz].
 Without local files it loads them from the Hugging Face hub. Rerunning replaces the outputs."""
 from utils.errors import cli
-from utils.eval_data import parse_args, prepare
+from utils.eval_data import main as prepare_main
 
 
 def main(argv=None):
-    cli(lambda: prepare(parse_args(argv)))
+    cli(lambda: prepare_main(argv))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,6 @@ set -e
 cd "$(dirname "$0")"
 usage="usage: sh $0 W A KV [train.py args]   (bits: 1-8, 16 or 32)"
 [ $# -ge 3 ] || { echo "$usage" >&2; exit 1; }
-for pair in "w_bits=$1" "a_bits=$2" "kv_bits=$3"; do
-  case "${pair#*=}" in
-    1|2|3|4|5|6|7|8|16|32) ;;
-    *) echo "error: ${pair} is not allowed; use 1-8, 16 or 32" >&2; exit 1 ;;
-  esac
-done
-[ "$3" != 1 ] || { echo "error: kv_bits=1 is not allowed (no nonzero symmetric level); use 2-8, 16 or 32" >&2; exit 1; }
 W=$1 A=$2 KV=$3; shift 3
 
 PYTHON=${PYTHON:-python}
@@ -37,9 +30,13 @@ fi
 EVAL="--do_eval True --eval_data_local_path $EVAL_DATA"
 [ -e "$EVAL_DATA" ] || { EVAL=""; echo "note: no eval data $EVAL_DATA: skipping perplexity (set EVAL_DATA)"; }
 
+# The bits are checked by QuantSetting (one rule, one message); then the devices and whether bf16 pays.
+CHECK=$($PYTHON -c "import sys, torch; from transformers import AutoConfig; from models.dtypes import bf16_pays
+from models.quant_model import QuantSetting; from utils.errors import cli
+cli(lambda: QuantSetting.of(*sys.argv[1:4]))
+print(torch.cuda.device_count(), int(bf16_pays(AutoConfig.from_pretrained(sys.argv[4]))))" "$W" "$A" "$KV" "$MODEL") || exit 1
 read -r NGPU BF16 <<EOT
-$($PYTHON -c "import sys, torch; from transformers import AutoConfig; from models.quant_model import bf16_pays
-print(torch.cuda.device_count(), int(bf16_pays(AutoConfig.from_pretrained(sys.argv[1]))))" "$MODEL")
+$CHECK
 EOT
 [ -n "$NGPU" ] || { echo "error: $PYTHON cannot import torch; pip install -r requirements.txt" >&2; exit 1; }
 if [ "$NGPU" -gt 0 ]; then
@@ -55,7 +52,7 @@ fi
 FSDP=""
 [ "$NPROC" -gt 1 ] && FSDP="full_shard auto_wrap"
 # The paper's recipe; the embedded model (256-token training context) takes shorter blocks, 4 per batch.
-RECIPE="--model_max_length 2048 --per_device_train_batch_size 1"
+RECIPE=""
 [ "$MODEL" = "$EMBEDDED" ] && RECIPE="--model_max_length 256 --per_device_train_batch_size 4"
 
 if [ "$NPROC" -gt 1 ]; then
@@ -64,19 +61,13 @@ else
   LAUNCH="$PYTHON"
 fi
 echo "W$W A$A KV$KV on $MODEL: $NPROC process(es), train $TRAIN_DATA"
+# The paper's recipe is train.py's defaults (utils/process_args.py: lr 2e-5, cosine, no warmup or weight decay, one
+# epoch, batch 1 x 2048 tokens, KD with scale 1, checkpoints every 2000 steps); this passes what it decides.
 exec $LAUNCH train.py \
   --input_model_filename "$MODEL" \
   --train_data_local_path "$TRAIN_DATA" \
   --local_dir "$OUTPUT" \
-  --do_train True $EVAL \
+  $EVAL \
   --qat True --w_bits "$W" --a_bits "$A" --kv_bits "$KV" \
-  --use_kd True --kd_loss_scale 1.0 \
   $RECIPE $DEVICE ${FSDP:+--fsdp} ${FSDP:+"$FSDP"} \
-  --num_train_epochs 1 \
-  --per_device_eval_batch_size 1 \
-  --gradient_accumulation_steps 1 \
-  --eval_strategy no \
-  --save_strategy steps --save_steps 2000 --save_total_limit 1 \
-  --learning_rate 2e-5 --weight_decay 0. --warmup_steps 0 --lr_scheduler_type cosine \
-  --logging_steps 1 --report_to tensorboard \
   "$@"

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from models.export import export, load_exported  # noqa: E402
-from models.quant_model import load_model, quantize_model  # noqa: E402
+from models.quant_model import QuantSetting, load_model  # noqa: E402
 
 
 def parse_args():
@@ -64,7 +64,7 @@ def main():
         qat_dir = args.model
         if qat_dir is None:
             qat_dir = f"{tmp}/qat"
-            quantize_model(AutoModelForCausalLM.from_pretrained(args.float_model), 4, 8, 4).save_pretrained(qat_dir)
+            QuantSetting(4, 8, 4).apply(AutoModelForCausalLM.from_pretrained(args.float_model)).save_pretrained(qat_dir)
             tokenizer.save_pretrained(qat_dir)
         AutoModelForCausalLM.from_pretrained(args.float_model, dtype=torch.bfloat16).save_pretrained(f"{tmp}/bf16")
         export(qat_dir, f"{tmp}/exported")

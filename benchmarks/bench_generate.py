@@ -23,9 +23,10 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.decode import Sampling  # noqa: E402
-from utils.generate import (ShardFile, default_batch_size, eos_token_ids,  # noqa: E402
-                            load_model, plan_segments, write_sequences)
-from utils.process_args import EMBEDDED_MODEL  # noqa: E402
+from utils.generate import (default_batch_size, eos_token_ids, load_generator as load_model,  # noqa: E402
+                            plan_segments, write_sequences)
+from utils.shards import ShardFile  # noqa: E402
+from utils.constants import EMBEDDED_MODEL  # noqa: E402
 
 
 def parse_args():

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def random_llama(path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from utils.process_args import EMBEDDED_MODEL
+    from utils.constants import EMBEDDED_MODEL
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=6,
                          num_attention_heads=16, max_position_embeddings=2048)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)

@@ -34,7 +34,7 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.quant_model import quantize_model  # noqa: E402
+from models.quant_model import QuantSetting  # noqa: E402
 from models.utils_quant import QuantizeLinear  # noqa: E402
 from utils.kd_trainer import kd_loss  # noqa: E402
 
@@ -167,7 +167,7 @@ def build(args, variants):
     for v in variants:
         model = copy.deepcopy(base).train()
         if v == "qat":
-            quantize_model(model, W_BITS, A_BITS, KV_BITS)
+            QuantSetting(W_BITS, A_BITS, KV_BITS).apply(model)
         if args.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0, fused=args.device == "cuda")

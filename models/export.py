@@ -22,81 +22,20 @@ exports carry its `quantization_config`. Every export keeps LLM-QAT's w_bits/a_b
 adds `llmqat_export`; load_exported rebuilds the model from them with the QAT model's activation and KV
 quantization, which compressed-tensors cannot express (see compressed_tensors_config).
 """
-import os
-import shutil
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
-from models.packing import pack, packed_words, unpack
-from models.quant_model import decoder_layers, is_quantized_config, load_model, quantize_model
-from models.utils_quant import QuantizeLinear, quantize_weight
-from utils.errors import InputError
+from models.errors import InputError
+from models.io import atomic_dir
+from models.packed import PackedQuantizeLinear
+from models.quant_model import QuantSetting, load_exported, load_model, read_config, swap_linears
+from models.utils_quant import QuantizeLinear, quantize_weight, zero_point
 
 SAMPLE_TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
 MAX_LOGIT_DIFF = 1e-3
-
-
-def zero_point(bits):
-    """0 on the symmetric >= 3-bit grids; -0.5 on the 1- and 2-bit grids, whose levels sit between integers."""
-    return -0.5 if bits <= 2 else 0.0
-
-
-def weight_codes(weight, bits):
-    """Integers q [out, in] and float64 scales [out, 1]: (q - zero_point) * scale is the paper's grid weight.
-
-    q comes from the same fp32 operations as SymQuantizer / quantize_weight: it is the QAT model's own rounding.
-    """
-    w = weight.detach().float()
-    if bits >= 3:
-        s = (2 ** (bits - 1) - 1) / (w.abs().amax(dim=-1, keepdim=True) + 1e-6)
-        return torch.round(w * s).to(torch.int8), 1 / (s + 1e-6).double()
-    mean_abs = w.abs().mean(dim=-1, keepdim=True)
-    if bits == 2:
-        a = 2 * mean_abs
-        return torch.round(torch.clamp(w / a, -0.99, 0.99) * 2 - 0.5).to(torch.int8), (a / 2).double()
-    return -(w < 0).to(torch.int8), (2 * mean_abs).double()  # 1 bit: sign(w) * mean|w|
-
-
-class PackedQuantizeLinear(QuantizeLinear):
-    """A QuantizeLinear holding packed integer weights (weight_packed, weight_scale, weight_shape) instead of a
-    float weight. The weight is dequantized on every forward (only the packed form stays in memory); the input
-    (a_bits) and the output (out_bits: the KV cache on k_proj / v_proj) are quantized as in QuantizeLinear."""
-
-    def __init__(self, linear):
-        super().__init__(linear.in_features, linear.out_features, symmetric=linear.symmetric, w_bits=linear.w_bits,
-                         a_bits=linear.a_bits, out_bits=linear.out_bits, act_layerwise=linear.act_layerwise,
-                         device="meta")
-        self.weight, self.bias = None, linear.bias
-        out, n = linear.out_features, linear.in_features
-        self.register_buffer("weight_packed", torch.zeros(out, packed_words(n, self.w_bits), dtype=torch.int32))
-        self.register_buffer("weight_scale", torch.zeros(out, 1, dtype=torch.float64))
-        self.register_buffer("weight_shape", torch.tensor([out, n]))
-
-    @classmethod
-    def from_linear(cls, linear):
-        packed = cls(linear)
-        q, scale = weight_codes(linear.weight, linear.w_bits)
-        packed.weight_packed.copy_(pack(q, linear.w_bits))
-        packed.weight_scale.copy_(scale)
-        return packed
-
-    def dequantized_weight(self):
-        """The fp32 weight on the paper's grid (at >= 3 bits, the QAT model's fake-quant weight bit for bit)."""
-        q = unpack(self.weight_packed, self.w_bits, self.in_features)  # int8: the ops below promote it to fp32
-        if self.w_bits >= 3:  # round(w*s) / (s + 1e-6); the fp64 scale 1/(s + 1e-6) gives back s + 1e-6 exactly
-            return q / (1 / self.weight_scale).float()
-        return (q - zero_point(self.w_bits)) * self.weight_scale.float()  # a/2 or 2 mean|w|: exact in fp32
-
-    def quantized_weight(self, dtype=None):
-        # QuantizeLinear.forward then quantizes the input and the output (KV) exactly as in training
-        weight = self.dequantized_weight()
-        return weight if dtype is None else weight.to(dtype)
 
 
 def compressed_tensors_config(bits):
@@ -111,42 +50,12 @@ def compressed_tensors_config(bits):
                 ignore=["lm_head"], kv_cache_scheme=None)
 
 
-def _replace_quantize_linears(model, make):
-    for layer in decoder_layers(model):
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is QuantizeLinear:
-                    setattr(parent, name, make(child))
-
-
-def load_exported(path):
-    """Load a checkpoint written by export(): packed weights, and the QAT model's activation and KV quantization."""
-    config = AutoConfig.from_pretrained(path)
-    if not hasattr(config, "llmqat_export"):
-        raise InputError(f"{path} is not an exported checkpoint (no llmqat_export in its config.json)")
-    with init_empty_weights(include_buffers=False):  # parameters come from the files; buffers (RoPE) are computed
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    quantize_model(model, config.w_bits, config.a_bits, config.kv_bits, getattr(config, "kv_post_rope", False))
-    _replace_quantize_linears(model, PackedQuantizeLinear)
-    state = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(file))
-    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
-    model.tie_weights()  # a tied lm_head is stored once
-    missing = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-    if missing or unexpected:
-        raise InputError(f"{path} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if (Path(path) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.eval()
-
-
 def _check(model_dir, out_dir):
     """One clear error before any work: not a QAT checkpoint, incomplete, or an output that would be overwritten."""
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(model_dir)
-    if not is_quantized_config(config):
+    config = read_config(model_dir)
+    if QuantSetting.from_config(config) is None:
         raise InputError(f"{model_dir} is not a QAT checkpoint: its config.json has no w_bits/a_bits/kv_bits")
     if hasattr(config, "llmqat_export"):
         raise InputError(f"{model_dir} is already an exported checkpoint")
@@ -180,41 +89,34 @@ def export(model_dir, out_dir):
     sample = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids
     weight_diffs = []
 
-    def pack_one(linear):
+    def pack_one(name, linear):
         packed = PackedQuantizeLinear.from_linear(linear)
         weight_diffs.append((packed.dequantized_weight() - quantize_weight(linear.weight, bits)).abs().max().item())
         return packed
 
     with torch.no_grad():
         reference = model(sample).logits
-        _replace_quantize_linears(model, pack_one)
+        swap_linears(model, QuantizeLinear, pack_one)
     model.config.llmqat_export = {"format": "pack-quantized", "num_bits": bits, "zero_point": zero_point(bits)}
     if bits >= 3:
         model.config.quantization_config = compressed_tensors_config(bits)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # same file system: the rename is atomic
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    tmp.mkdir(parents=True)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        exported = load_exported(tmp)
-        with torch.no_grad():
-            max_logit_diff = (exported(sample).logits - reference).abs().max().item()
-        if not max_logit_diff <= MAX_LOGIT_DIFF:
-            raise InputError(f"the exported model's logits differ from the QAT model's by {max_logit_diff:.3g} "
-                             f"> {MAX_LOGIT_DIFF}; nothing written")
-        packed = [m for m in exported.modules() if isinstance(m, PackedQuantizeLinear)]
-        bf16_bytes = sum(2 * (m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0))
-                         for m in packed)
-        packed_bytes = sum(t.nbytes for m in packed for t in m.state_dict().values())
-        try:
-            os.rename(tmp, out_dir)  # replaces an empty out_dir, never a non-empty one
-        except OSError as e:
-            raise InputError(f"{out_dir} appeared while exporting; not overwriting it ({e.strerror})") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out_dir) as tmp:  # a temporary directory beside out_dir, renamed when checked
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            exported = load_exported(tmp)
+            with torch.no_grad():
+                max_logit_diff = (exported(sample).logits - reference).abs().max().item()
+            if not max_logit_diff <= MAX_LOGIT_DIFF:
+                raise InputError(f"the exported model's logits differ from the QAT model's by {max_logit_diff:.3g} "
+                                 f"> {MAX_LOGIT_DIFF}; nothing written")
+            packed = [m for m in exported.modules() if isinstance(m, PackedQuantizeLinear)]
+            bf16_bytes = sum(2 * (m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0))
+                             for m in packed)
+            packed_bytes = sum(t.nbytes for m in packed for t in m.state_dict().values())
+    except FileExistsError:
+        raise InputError(f"{out_dir} appeared while exporting; not overwriting it") from None
     report = ExportReport(max_logit_diff, bf16_bytes / packed_bytes, max(weight_diffs), bf16_bytes, packed_bytes)
     exact = "bit-exact" if report.max_weight_diff == 0 else f"max difference {report.max_weight_diff:.3g}" + (
         " (its straight-through w + (q - w) is on the grid only up to fp32 rounding)" if bits <= 2 else "")

@@ -13,16 +13,16 @@ from tqdm import tqdm
 
 from models.calibration import StopForward, run_windows
 from models.quant_model import decoder_layers
+from models.utils_quant import sym_dequant, sym_levels, sym_scale
 
 
 def grid(weight, bits):
-    """Per-row scale s and the largest level, as SymQuantizer computes them for weights."""
-    levels = 2 ** (bits - 1) - 1
-    return levels / (weight.abs().amax(dim=1, keepdim=True) + 1e-6), levels
+    """Per-row scale s and the largest code, as SymQuantizer computes them for weights (models.utils_quant)."""
+    return sym_scale(weight.abs().amax(dim=1, keepdim=True), bits), sym_levels(bits)
 
 
 def round_to_grid(w, s, levels):
-    return torch.clamp(torch.round(w * s), -levels, levels) / (s + 1e-6)
+    return sym_dequant(torch.clamp(torch.round(w * s), -levels, levels), s)
 
 
 @torch.no_grad()

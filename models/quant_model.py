@@ -1,4 +1,4 @@
-"""Turn a stock HF causal LM into its LLM-QAT fake-quantized form, and load one back.
+"""The quantization setting, and a stock HF causal LM turned into its LLM-QAT fake-quantized form (and loaded back).
 
 No model file is forked: every nn.Linear inside the decoder layers is swapped for a QuantizeLinear
 sharing the same parameters, so LLaMA-1/2/3, Mistral and Qwen2 (grouped-query attention) all work.
@@ -6,35 +6,110 @@ Embeddings and lm_head stay full precision; the attention matmuls are not quanti
 
 KV cache: by default the outputs of k_proj / v_proj are quantized per token across all heads,
 before rotary embedding (the paper). `kv_post_rope=True` quantizes keys after RoPE instead, as
-serving engines cache them, through a registered attention function.
+serving engines cache them (models/kv_cache.py).
 """
 import logging
-import sys
+import re
+from dataclasses import asdict, dataclass
+from itertools import chain
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from models.utils_quant import CLIP_VAL, QuantizeLinear, SymQuantizer
+from models.errors import InputError
+from models.kv_cache import use_post_rope_kv_attention
+from models.packed import PackedQuantizeLinear
+from models.utils_quant import BITS_RULE, QuantizeLinear
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_BITS = tuple(range(1, 9)) + (16, 32)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALLOWED_BITS = (*range(1, 9), 16, 32)
 KV_MODULES = ("k_proj", "v_proj")
-POST_ROPE_PREFIX = "llmqat_kv_post_rope|"
+_NAME = re.compile(r"W(\d+)A(\d+)KV(\d+)$")
+_LABEL = re.compile(r"(\d+)-(\d+)-(\d+)$")
 
 
-def check_bits(w_bits, a_bits, kv_bits):
-    """Raise one clear error for a bit width the method does not define."""
-    for name, bits in (("w_bits", w_bits), ("a_bits", a_bits), ("kv_bits", kv_bits)):
-        if bits not in ALLOWED_BITS:
-            raise ValueError(f"{name}={bits} is not allowed; use 1-8, 16 or 32")
-    if kv_bits == 1:
-        raise ValueError("kv_bits=1 is not allowed: symmetric 1-bit quantization has no nonzero level; use 2-8, 16 or 32")
-    if a_bits <= 2:
-        logger.warning("a_bits=%d: activations are not quantized below 3 bits (as in the paper)", a_bits)
+@dataclass(frozen=True)
+class QuantSetting:
+    """Bit widths of weights, input activations and the KV cache (32: not quantized), checked once, here.
+
+    name "W4A8KV4" (run and model directory names), label "4-8-4" (tables); written to and read from a
+    model's config.json (w_bits, a_bits, kv_bits, kv_post_rope), and applied to a model by apply()."""
+    w_bits: int = 32
+    a_bits: int = 32
+    kv_bits: int = 32
+    kv_post_rope: bool = False  # quantize keys after RoPE (serving engines' cache) instead of before (the paper)
+
+    def __post_init__(self):
+        for field, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits), ("kv_bits", self.kv_bits)):
+            if type(bits) is not int or bits not in ALLOWED_BITS:
+                raise InputError(f"{field}={bits} is not allowed; use {BITS_RULE}")
+        if self.kv_bits == 1:
+            raise InputError("kv_bits=1 is not allowed (symmetric 1-bit quantization has no nonzero level); "
+                             "use 2-8, 16 or 32")
+        if self.a_bits <= 2:
+            logger.warning("a_bits=%d: activations are not quantized below 3 bits (as in the paper)", self.a_bits)
+
+    @classmethod
+    def parse(cls, text, kv_post_rope=False):
+        """From a label "4-8-4" or a name "W4A8KV4"."""
+        m = _LABEL.match(str(text)) or _NAME.match(str(text))
+        if m is None:
+            raise InputError(f"quantization setting {text!r}: write W-A-KV as 4-8-4 or W4A8KV4")
+        return cls.of(*m.groups(), kv_post_rope=kv_post_rope)
+
+    @classmethod
+    def of(cls, w_bits, a_bits, kv_bits, kv_post_rope=False):
+        """From widths given as text (a command line); one that is not an integer is named in the error."""
+        def width(x):
+            return int(x) if str(x).lstrip("-").isdigit() else x
+        return cls(width(w_bits), width(a_bits), width(kv_bits), kv_post_rope)
+
+    @property
+    def bits(self):
+        return self.w_bits, self.a_bits, self.kv_bits
+
+    @property
+    def name(self):
+        return "W{}A{}KV{}".format(*self.bits)
+
+    @property
+    def label(self):
+        return "{}-{}-{}".format(*self.bits)
+
+    @property
+    def is_float(self):
+        return self.bits == (32, 32, 32)
+
+    @classmethod
+    def from_config(cls, config):
+        """The setting a saved QAT model carries in its config.json, or None for a full-precision model."""
+        if not all(hasattr(config, k) for k in ("w_bits", "a_bits", "kv_bits")):
+            return None
+        return cls(config.w_bits, config.a_bits, config.kv_bits, bool(getattr(config, "kv_post_rope", False)))
+
+    def write_config(self, config):
+        for key, value in asdict(self).items():
+            setattr(config, key, value)
+
+    def apply(self, model):
+        """Replace every decoder nn.Linear with QuantizeLinear in place; record the setting in model.config."""
+        def to_quantize_linear(name, linear):
+            out_bits = self.kv_bits if name in KV_MODULES and not self.kv_post_rope else 32
+            q = QuantizeLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                               w_bits=self.w_bits, a_bits=self.a_bits, out_bits=out_bits)
+            q.weight, q.bias = linear.weight, linear.bias  # share parameters: no copy, same state_dict keys
+            return q
+
+        swap_linears(model, nn.Linear, to_quantize_linear)
+        self.write_config(model.config)
+        if self.kv_post_rope and self.kv_bits < 32:
+            use_post_rope_kv_attention(model)
+        return model
 
 
 def decoder_layers(model):
@@ -44,91 +119,13 @@ def decoder_layers(model):
     return layers
 
 
-def _to_quantize_linear(linear, **bits):
-    q = QuantizeLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                       device="meta", **bits)
-    q.weight, q.bias = linear.weight, linear.bias  # share parameters: no copy, same state_dict keys
-    return q
-
-
-def quantize_model(model, w_bits=32, a_bits=32, kv_bits=32, kv_post_rope=False):
-    """Replace every decoder nn.Linear with QuantizeLinear in place; record the bits in model.config."""
-    check_bits(w_bits, a_bits, kv_bits)
+def swap_linears(model, cls, make):
+    """Replace every module of exactly type cls inside the decoder layers by make(attribute name, module)."""
     for layer in decoder_layers(model):
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    out_bits = kv_bits if name in KV_MODULES and not kv_post_rope else 32
-                    setattr(parent, name, _to_quantize_linear(child, w_bits=w_bits, a_bits=a_bits, out_bits=out_bits))
-    model.config.w_bits, model.config.a_bits, model.config.kv_bits = w_bits, a_bits, kv_bits
-    model.config.kv_post_rope = kv_post_rope
-    if kv_post_rope and kv_bits < 32:
-        _use_post_rope_kv_attention(model)
-    return model
-
-
-def quantize_kv(states, kv_bits):
-    """Quantize [batch, heads, seq, head_dim] keys/values per token across all heads together."""
-    b, h, s, d = states.shape
-    flat = states.transpose(1, 2).reshape(b, s, h * d)
-    return SymQuantizer.apply(flat, CLIP_VAL, kv_bits, False).reshape(b, s, h, d).transpose(1, 2)
-
-
-def _post_rope_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention that sees keys after RoPE: quantize K and V, then run the model's own attention."""
-    impl = module.config._attn_implementation.removeprefix(POST_ROPE_PREFIX)
-    if impl == "eager":  # eager attention lives in each model's own modeling file
-        attention = sys.modules[type(module).__module__].eager_attention_forward
-    else:
-        attention = AttentionInterface._global_mapping[impl]
-    bits = module.config.kv_bits
-    return attention(module, query, quantize_kv(key, bits), quantize_kv(value, bits), attention_mask, **kwargs)
-
-
-def _use_post_rope_kv_attention(model):
-    base = model.config._attn_implementation or "sdpa"
-    if base.startswith(POST_ROPE_PREFIX):
-        return
-    if base != "eager" and base not in AttentionInterface._global_mapping:
-        raise ValueError(f"kv_post_rope cannot wrap attention implementation {base!r}; use 'sdpa' or 'eager'")
-    name = POST_ROPE_PREFIX + base
-    AttentionInterface.register(name, _post_rope_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    model.config._attn_implementation_internal = name
-
-
-def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16): there bf16 matmuls run ~4x fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-# On CPU, bf16 pays only where the matmuls are large: bf16/fp32 QAT step time measured on this 2-core CPU,
-# 1.7x faster on SmolLM2 (hidden 576), 3.5x slower on the embedded model (hidden 256).
-CPU_BF16_MIN_HIDDEN = 512
-
-
-def bf16_pays(config=None):
-    """Whether bf16 compute is the better default: a GPU with bf16, or a CPU with native bf16 matmuls and a
-    model at least CPU_BF16_MIN_HIDDEN wide (config None: any model)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    hidden = getattr(config.get_text_config(), "hidden_size", 0) if config is not None else CPU_BF16_MIN_HIDDEN
-    return cpu_has_bf16() and hidden >= CPU_BF16_MIN_HIDDEN
-
-
-def resolve_dtype(name, config=None):
-    """A --dtype choice: "auto" is bfloat16 where bf16_pays(config) (a GPU; on CPU, generation only: pass the
-    model's config), else float32. Any other name stays."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "bfloat16"
-        return "bfloat16" if config is not None and bf16_pays(config) else "float32"
-    return name
+                if type(child) is cls:
+                    setattr(parent, name, make(name, child))
 
 
 def _allocate_parameters(model):
@@ -143,30 +140,55 @@ def _allocate_parameters(model):
                 module._parameters[name] = allocated[id(p)]
 
 
-def is_quantized_config(config):
-    return all(hasattr(config, k) for k in ("w_bits", "a_bits", "kv_bits"))
+def read_config(path):
+    """A model directory's config, or one clear error."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise InputError(f"model {str(path)!r}: not a local Hugging Face model directory (no config.json)") from e
+    except ValueError as e:  # unparsable JSON, unknown model_type
+        raise InputError(f"model {str(path)!r}: cannot read its config.json ({e})") from None
 
 
 def load_model(path, dtype=torch.float32, empty=False, **kwargs):
-    """Load an HF causal LM; if its config carries w_bits/a_bits/kv_bits, rebuild the quantized model.
+    """Load an HF causal LM; if its config carries a QuantSetting, rebuild the quantized model; an export.py
+    directory (packed integer weights) loads as load_exported.
 
     empty=True builds the same model without reading its weights (uninitialized parameters, real buffers):
     for FSDP ranks whose weights are broadcast from rank 0."""
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise FileNotFoundError(f"model path {path!r} is not a Hugging Face model directory (no config.json)") from e
-    if hasattr(config, "llmqat_export"):  # packed integer weights written by export.py
-        from models.export import load_exported
+    config = read_config(path)
+    if hasattr(config, "llmqat_export"):
         return load_exported(path)
     if empty:
-        from accelerate import init_empty_weights
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
         model.tie_weights()  # as from_pretrained does; _allocate_parameters keeps tied weights tied
         _allocate_parameters(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
-    if is_quantized_config(config):
-        quantize_model(model, config.w_bits, config.a_bits, config.kv_bits, getattr(config, "kv_post_rope", False))
+    if (setting := QuantSetting.from_config(config)) is not None:
+        setting.apply(model)
     return model
+
+
+def load_exported(path):
+    """Load a checkpoint written by models.export.export: packed weights, and the QAT model's activation and KV
+    quantization."""
+    config = read_config(path)
+    if not hasattr(config, "llmqat_export"):
+        raise InputError(f"{path} is not an exported checkpoint (no llmqat_export in its config.json)")
+    with init_empty_weights(include_buffers=False):  # parameters come from the files; buffers (RoPE) are computed
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    QuantSetting.from_config(config).apply(model)
+    swap_linears(model, QuantizeLinear, lambda name, linear: PackedQuantizeLinear(linear))
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(file))
+    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    model.tie_weights()  # a tied lm_head is stored once
+    missing = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if missing or unexpected:
+        raise InputError(f"{path} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()

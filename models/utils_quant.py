@@ -8,11 +8,13 @@ Bit widths: 32 means "not quantized"; 16 is a real (nearly lossless) 16-bit fake
 """
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+BITS_RULE = "1-8, 16 or 32 (32: not quantized)"  # the widths a QuantSetting allows
 CLIP_VAL = (-2.0, 2.0)  # gradient is zeroed where the quantizer input lies outside (-2, 2)
 # CUDA tensors go through the fused Triton kernels (models/kernels.py); LLMQAT_TRITON=0, or setting this
 # flag to False, runs the PyTorch reference on GPUs too (A/B checks). CPU tensors always use the reference.
@@ -39,6 +41,73 @@ def _kernels_for(x, layerwise=False):
     return kernels if kernels is not None and x.shape[-1] <= kernels.MAX_COLS else None
 
 
+# ---- The weight / activation grid: the one definition used by fake quantization, export and GPTQ ----
+EPS = 1e-6  # in the scale's denominator and in the dequantizing step, as the original
+
+
+def sym_levels(bits):
+    """The largest code of the symmetric b-bit grid: codes are -L..L, L = 2^(b-1) - 1."""
+    return 2 ** (bits - 1) - 1
+
+
+def sym_scale(absmax, bits):
+    """s = (2^(b-1) - 1) / (max|x| + 1e-6): codes are round(x * s). (int / tensor: torch computes
+    reciprocal(max|x| + 1e-6) * L, which the Triton kernels reproduce.)"""
+    return sym_levels(bits) / (absmax + EPS)
+
+
+def sym_dequant(codes, s):
+    """The grid value of codes: codes / (s + 1e-6)."""
+    return codes / (s + EPS)
+
+
+@dataclass
+class WeightGrid:
+    """A weight on the paper's grid: w = (codes - zero_point) * scale, codes int8 [out, in], scale float64
+    [out, 1] (or [1, 1] per tensor). >= 3 bits: codes round(w s), scale 1/(s + 1e-6) (float64 so that
+    s + 1e-6 comes back exactly: dequantize divides as fake quantization does, bit for bit). 2 bits: codes
+    {-2..1}, zero point -0.5, levels {-1.5, -0.5, 0.5, 1.5} * a/2, a = 2 mean|w|. 1 bit: codes {-1, 0},
+    zero point -0.5, levels -+mean|w| (no zero level: the fake quantizer's sign(0) = 0 is not a code)."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: float
+    bits: int
+
+
+def zero_point(bits):
+    """0 on the symmetric >= 3-bit grids; -0.5 on the 1- and 2-bit grids, whose levels sit between integers."""
+    return -0.5 if bits <= 2 else 0.0
+
+
+def weight_grid(weight, bits, layerwise=False):
+    """The WeightGrid of a [out, in] weight, per output channel (row) or per tensor; computed in fp32 with the
+    same operations as the fake quantizer, so the codes are the QAT model's own roundings."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"w_bits={bits}: only 1-8 bit weights have integer codes")
+    w = weight.detach().float()
+
+    def reduce(t, op):
+        return op(t) if layerwise else op(t, dim=-1, keepdim=True)
+
+    if bits >= 3:
+        s = sym_scale(reduce(w.abs(), torch.amax), bits)
+        return WeightGrid(torch.round(w * s).to(torch.int8), 1 / (s + EPS).double(), zero_point(bits), bits)
+    mean_abs = reduce(w.abs(), torch.mean)
+    if bits == 2:
+        a = 2 * mean_abs
+        codes = torch.round(torch.clamp(w / a, -0.99, 0.99) * 2 - 0.5)
+        return WeightGrid(codes.to(torch.int8), (a / 2).double(), zero_point(bits), bits)
+    return WeightGrid(-(w < 0).to(torch.int8), (2 * mean_abs).double(), zero_point(bits), bits)
+
+
+def dequantize(grid):
+    """The fp32 weight of a WeightGrid: bit-exact the fake-quant weight at >= 3 bits; at 1-2 bits the grid's
+    levels (a/2 and 2 mean|w| are exact in fp32)."""
+    if grid.bits >= 3:  # codes / (s + 1e-6): the float64 scale gives back s + 1e-6 exactly
+        return grid.codes / (1 / grid.scale).float()
+    return (grid.codes - grid.zero_point) * grid.scale.float()
+
+
 def sym_quant(x, num_bits, clip_val=CLIP_VAL, layerwise=False, out_dtype=None):
     """SymQuantizer's forward: (q, STE mask), q in out_dtype (default x.dtype).
 
@@ -53,8 +122,8 @@ def sym_quant(x, num_bits, clip_val=CLIP_VAL, layerwise=False, out_dtype=None):
     mask = a < hi if lo == -hi else _ste_mask(x, clip_val)  # |x| < c: one pass instead of three
     if x.device.type == "cpu" and mask.all():  # nothing clipped (as for weights, |w| < 2): keep no mask
         mask = None
-    s = (2 ** (num_bits - 1) - 1) / ((a.amax() if layerwise else a.amax(dim=-1, keepdim=True)) + 1e-6)
-    q = torch.mul(xf, s, out=a).round_().div_(s + 1e-6)  # reuse |x|'s buffer: no new temporaries
+    s = sym_scale(a.amax() if layerwise else a.amax(dim=-1, keepdim=True), num_bits)
+    q = torch.mul(xf, s, out=a).round_().div_(s + EPS)  # sym_dequant in |x|'s buffer: no new temporaries
     return q.to(out_dtype or x.dtype), mask
 
 
@@ -129,16 +198,11 @@ def quantize_weight(weight, w_bits, layerwise=False, dtype=None):
         return weight
     if w_bits >= 3:
         return SymQuantizer.apply(weight, CLIP_VAL, w_bits, layerwise, dtype)
-    w = weight.detach().float()
-    mean_abs = w.abs().mean() if layerwise else w.abs().mean(dim=-1, keepdim=True)
-    if w_bits == 2:
-        # four levels {-1.5, -0.5, 0.5, 1.5} * a/2 with a = 2 * mean|w|; no zero level
-        a = 2 * mean_abs
-        q = a * (torch.round(torch.clamp(w / a, -0.99, 0.99) * 2 - 0.5) + 0.5) / 2
-    elif w_bits == 1:
-        q = torch.sign(w) * mean_abs
-    else:
-        raise ValueError(f"w_bits={w_bits} is not allowed; use 1-16 or 32")
+    if w_bits < 1:
+        raise ValueError(f"w_bits={w_bits} is not allowed; use {BITS_RULE}")
+    q = dequantize(weight_grid(weight, w_bits, layerwise))
+    if w_bits == 1:
+        q = q * (weight.detach() != 0)  # sign(w) * mean|w|: a weight of exactly 0 stays 0
     return _ste(weight, q.to(weight.dtype))
 
 

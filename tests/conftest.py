@@ -1,12 +1,57 @@
-"""Shared fixtures: a tiny model of SmolLM2's shape family (byte-level BPE, tied embeddings, GQA 3:1)."""
+"""Shared test helpers: the repository, tiny models of each family (LLaMA, Mistral, Qwen2; and one of SmolLM2's
+shape: byte-level BPE, tied embeddings, GQA 3:1), an offline environment and a CLI runner.
+
+Markers: `slow` marks the end-to-end cases (launches, trainings, the reproduction): `pytest -m "not slow"` is
+the quick inner loop; CI runs everything."""
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_PATH = Path(__file__).resolve().parent.parent
+REPO = str(REPO_PATH)
 SMOLLM2_CACHED = os.path.isfile(os.path.expanduser("~/.cache/llm-qat/models/smollm2/model.safetensors"))
+# no network: a test that would reach the Hugging Face hub fails at once instead of waiting on it
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+# families by name: conftest must not import transformers (it imports triton, which test_kernels.py must
+# import first, in interpreter mode)
+FAMILIES = [("LlamaConfig", "LlamaForCausalLM"), ("MistralConfig", "MistralForCausalLM"),
+            ("Qwen2Config", "Qwen2ForCausalLM")]
+
+
+def tiny(family, seed=0):
+    """A randomly initialised tiny model of one family (names of its config and model classes)."""
+    import transformers
+    config_cls, model_cls = (getattr(transformers, name) for name in family)
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**TINY)).eval()
+
+
+def tokens():
+    return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def run_cli(cmd, cwd=REPO, env=None, check=True, timeout=3000):
+    """Run a command as a user would (offline, this interpreter first on PATH); returns the CompletedProcess.
+    check: fail the test with the command's output unless it exits 0."""
+    full_env = {**os.environ, **OFFLINE, "PYTHON": sys.executable,
+                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
 
 
 def make_bpe_tokenizer(vocab_size=320):

@@ -1,6 +1,5 @@
 """eval.py: perplexity against a hand computation, RTN at 32 bits equals FP exactly, clear errors."""
 import math
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -9,10 +8,11 @@ import pytest
 import torch
 
 from utils.errors import InputError
-from utils.evaluate import evaluate, load_for_eval, parse_args, perplexity
-from utils.process_args import EMBEDDED_MODEL
+from models.quant_model import QuantSetting
+from utils.evaluate import load_for_eval, main as evaluate_main, perplexity
+from utils.constants import EMBEDDED_MODEL
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO  # noqa: E402
 
 
 class Bigram(torch.nn.Module):
@@ -49,29 +49,29 @@ def eval_argv(*extra):
 
 
 def test_rtn_at_32_bits_equals_fp_exactly_and_4_bits_differs():
-    fp = evaluate(parse_args(eval_argv()))
-    rtn32 = evaluate(parse_args(eval_argv("--w_bits", "32", "--a_bits", "32", "--kv_bits", "32")))
-    rtn4 = evaluate(parse_args(eval_argv("--w_bits", "4", "--a_bits", "8", "--kv_bits", "4")))
+    fp = evaluate_main(eval_argv())
+    rtn32 = evaluate_main(eval_argv("--w_bits", "32", "--a_bits", "32", "--kv_bits", "32"))
+    rtn4 = evaluate_main(eval_argv("--w_bits", "4", "--a_bits", "8", "--kv_bits", "4"))
     assert (fp["method"], rtn32["method"], rtn4["bits"]) == ("FP", "RTN", "4-8-4")
     assert rtn32["ppl"]["shakespeare_eval"]["ppl"] == fp["ppl"]["shakespeare_eval"]["ppl"]
     assert rtn4["ppl"]["shakespeare_eval"]["ppl"] > fp["ppl"]["shakespeare_eval"]["ppl"] * 1.001
     ids = torch.arange(3, 131)[None]
     m_fp = load_for_eval(EMBEDDED_MODEL)[0]
-    m_32 = load_for_eval(EMBEDDED_MODEL, 32, 32, 32)[0]
+    m_32 = load_for_eval(EMBEDDED_MODEL, QuantSetting(32, 32, 32))[0]
     with torch.no_grad():
         assert torch.equal(m_fp(ids).logits, m_32(ids).logits)
 
 
 def test_omitted_widths_stay_32_and_a_quantized_model_refuses_rtn(tmp_path):
-    _, _, method, bits = load_for_eval(EMBEDDED_MODEL, w_bits=4)
-    assert (method, bits) == ("RTN", "4-32-32")
-    model, tokenizer, _, _ = load_for_eval(EMBEDDED_MODEL, 4, 8, 4)
+    assert evaluate_main([EMBEDDED_MODEL, "--w_bits", "4", "--ppl_data"])["bits"] == "4-32-32"
+    model, tokenizer, method, setting = load_for_eval(EMBEDDED_MODEL, QuantSetting(4, 8, 4))
+    assert (method, setting.label) == ("RTN", "4-8-4")
     model.save_pretrained(tmp_path / "q")
     tokenizer.save_pretrained(tmp_path / "q")
-    _, _, method, bits = load_for_eval(str(tmp_path / "q"))
-    assert (method, bits) == ("QAT", "4-8-4")
+    _, _, method, setting = load_for_eval(str(tmp_path / "q"))
+    assert (method, setting) == ("QAT", QuantSetting(4, 8, 4))
     with pytest.raises(InputError, match="already quantized"):
-        load_for_eval(str(tmp_path / "q"), w_bits=8)
+        load_for_eval(str(tmp_path / "q"), QuantSetting(8))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -79,11 +79,11 @@ def test_omitted_widths_stay_32_and_a_quantized_model_refuses_rtn(tmp_path):
     ([EMBEDDED_MODEL, "--w_bits", "5", "--kv_bits", "1"], "error: kv_bits=1 is not allowed"),
     ([EMBEDDED_MODEL, "--ppl_data", "/nonexistent.jsonl"], "error: data path '/nonexistent.jsonl': no such file"),
     ([EMBEDDED_MODEL, "--tasks", "no_such_task"], "no_such_task"),
-    ([EMBEDDED_MODEL, "--smoothquant", "0.5"], "error: --smoothquant needs the bits"),
+    ([EMBEDDED_MODEL, "--smoothquant", "0.5"], "error: --smoothquant needs the bits to quantize to"),
     ([EMBEDDED_MODEL, "--smoothquant", "0", "--w_bits", "8"], "error: --smoothquant 0.0: the migration strength"),
     ([EMBEDDED_MODEL, "--smoothquant", "0.5", "--w_bits", "8", "--calib_data", "/nonexistent.jsonl"],
      "error: data path '/nonexistent.jsonl': no such file"),
-    ([EMBEDDED_MODEL, "--gptq"], "error: --gptq needs --w_bits 3-8"),
+    ([EMBEDDED_MODEL, "--gptq"], "error: --gptq needs the bits to quantize to"),
     ([EMBEDDED_MODEL, "--gptq", "--w_bits", "2"], "error: --gptq needs --w_bits 3-8"),
     ([EMBEDDED_MODEL, "--gptq", "--w_bits", "4", "--smoothquant", "0.5"], "error: --smoothquant and --gptq"),
 ])

@@ -14,7 +14,7 @@ import prepare_eval_data
 from utils import eval_data
 from utils.data import load_blocks, read_texts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO  # noqa: E402
 SCRIPT = os.path.join(REPO, "prepare_eval_data.py")
 # wiki.test.raw's shape: " = Title = " headings, blank lines " \n"; \u2028 must not split a row
 RAW = " \n = Robert Boulter = \n \n Robert Boulter is an English actor .\u2028 He @-@ starred .\n \n = = Career = = \n"
@@ -64,7 +64,7 @@ def test_script_writes_both_sets_to_the_current_dir_by_default(tmp_path):
     joined_chars = len("\n\n".join(ROWS))
     assert f"wrote ./wiki2.jsonl: 1 line, {joined_chars} characters from 6 rows of wiki.test.raw" in r.stdout
     assert "from 1100 rows" in r.stdout
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 @pytest.mark.parametrize("kind", ["parquet", "arrow", "dir_raw", "dir_parquet"])

@@ -4,7 +4,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +14,13 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, CompressedTensors
                           Qwen2Config, Qwen2ForCausalLM)
 
 import models.export as export_lib
-from models.export import PackedQuantizeLinear, export, load_exported, weight_codes
+from models.export import export
+from models.packed import PackedQuantizeLinear
 from models.packing import pack, unpack
-from models.quant_model import load_model, quantize_model
-from models.utils_quant import QuantizeLinear, quantize_weight
+from models.quant_model import QuantSetting, load_exported, load_model
+from models.utils_quant import QuantizeLinear, quantize_weight, weight_grid
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO_PATH as ROOT  # noqa: E402
 # 343: odd row length for the down projection (4-bit rows end mid-byte, 3-bit rows mid-word)
 TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=343, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
@@ -38,7 +38,7 @@ def save_model(path, tokenizer, bits=None, kv_post_rope=False):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY))
     if bits:
-        quantize_model(model, *bits, kv_post_rope=kv_post_rope)
+        QuantSetting(*bits, kv_post_rope=kv_post_rope).apply(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -102,7 +102,8 @@ def grid_levels(w, bits):
 def test_packed_weights_dequantize_to_the_paper_grid_bit_exactly(bits):
     torch.manual_seed(bits)
     linear = QuantizeLinear(343, 37, w_bits=bits, a_bits=8)
-    q, scale = weight_codes(linear.weight, bits)
+    grid = weight_grid(linear.weight, bits)
+    q, scale = grid.codes, grid.scale
     lo = -(1 << (bits - 1)) + (bits >= 3)  # the symmetric grids do not use the most negative integer
     assert lo <= q.min() and q.max() <= (1 << (bits - 1)) - 1 and scale.dtype == torch.float64
     packed = PackedQuantizeLinear.from_linear(linear)
@@ -183,7 +184,7 @@ def test_export_qwen2_with_biases_and_tied_embeddings(tmp_path, tokenizer):
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=2048, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    quantize_model(Qwen2ForCausalLM(config), 4, 8, 4).save_pretrained(tmp_path / "qat")
+    QuantSetting(4, 8, 4).apply(Qwen2ForCausalLM(config)).save_pretrained(tmp_path / "qat")
     tokenizer.save_pretrained(tmp_path / "qat")
     assert export(tmp_path / "qat", tmp_path / "out").max_logit_diff == 0
     exported = load_exported(tmp_path / "out")

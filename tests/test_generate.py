@@ -18,9 +18,9 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaT
 import generate_data
 import merge_gen_data
 from utils.decode import Sampling, generate_batch
-from utils.generate import load_model, sequence_seed, shard_ids
+from utils.generate import load_generator as load_model, sequence_seed, shard_ids
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO  # noqa: E402
 VOCAB, EOS = 384, 2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in and out of process: same numerics
 
@@ -282,7 +282,7 @@ def test_merge_in_shard_order_idempotent_text_only(tmp_path, capsys):
     assert sorted(os.listdir(gen)) == ["all_gen.jsonl", *(f"gen.chunk.{s}.jsonl" for s in ("00", "02", "10"))]
 
 
-@pytest.mark.parametrize("bad_line, line_no", [("{not json\n", 2), ('{"text": 5}\n', 2), ('{"text": "torn', 3)])
+@pytest.mark.parametrize("bad_line, line_no", [("{not json\n", 2), ('{"text": 5}\n', 2), ('{"text": 5}', 3)])
 def test_merge_bad_line_names_file_and_line_and_leaves_no_output(tmp_path, capsys, bad_line, line_no):
     gen = tmp_path / "gen_data"
     lines = [{"text": "a"}, bad_line, {"text": "b"}] if line_no == 2 else [{"text": "a"}, {"text": "b"}, bad_line]
@@ -294,6 +294,13 @@ def test_merge_bad_line_names_file_and_line_and_leaves_no_output(tmp_path, capsy
     assert os.listdir(tmp_path) == ["gen_data"] and len(os.listdir(gen)) == 2  # no output, no temp file
     assert [r["text"] for r in merge(gen, "--skip_bad", out=out)] == ["x", "a", "b"]
     assert "1 bad lines skipped" in capsys.readouterr().out
+
+
+def test_merge_skips_a_torn_last_line_and_keeps_a_whole_one_without_newline(tmp_path, caplog):
+    gen = tmp_path / "gen_data"
+    write_shards(gen, {0: [{"text": "a"}, '{"text": "torn'], 1: [{"text": "b"}, '{"text": "c"}']})
+    assert merge(gen) == [{"text": "a"}, {"text": "b"}, {"text": "c"}]
+    assert f"{gen / 'gen.chunk.00.jsonl'}:2: skipping an unfinished last line" in caplog.text
 
 
 def test_merge_failure_keeps_the_previous_output(tmp_path):

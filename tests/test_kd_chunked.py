@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from utils import kd_trainer
 from utils.kd_trainer import kd_loss
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO_PATH as REPO  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])

@@ -8,7 +8,6 @@ skip here and test_kernels_in_a_fresh_process reruns this file in a new process.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,14 +22,15 @@ import triton.language as tl  # noqa: E402
 from models import kernels, utils_quant  # noqa: E402
 from models.utils_quant import CLIP_VAL, QuantizeLinear, SymQuantizer, sym_quant  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO_PATH as REPO  # noqa: E402
 interpreted = pytest.mark.skipif(not FRESH, reason="triton was imported first: see test_kernels_in_a_fresh_process")
 
 
-@pytest.mark.skipif(FRESH, reason="this process interprets the kernels itself")
+@pytest.mark.skipif(FRESH or "LLMQAT_KERNEL_CHILD" in os.environ,
+                    reason="this process interprets the kernels itself (or is the fresh process: never recurse)")
 def test_kernels_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], cwd=REPO,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env={**os.environ, "LLMQAT_KERNEL_CHILD": "1"})
     assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-4000:] + out.stderr[-2000:]
 
 

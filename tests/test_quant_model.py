@@ -4,31 +4,20 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM
 
-from models.quant_model import load_model, quantize_kv, quantize_model
+from models.errors import InputError
+from models.kv_cache import quantize_kv
+from models.quant_model import QuantSetting, load_model
 from models.utils_quant import QuantizeLinear, SymQuantizer
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
-FAMILIES = [(LlamaConfig, LlamaForCausalLM), (MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM)]
-
-
-def tiny(cls_pair, seed=0):
-    config_cls, model_cls = cls_pair
-    torch.manual_seed(seed)
-    return model_cls(config_cls(**TINY)).eval()
-
-
-def tokens():
-    return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
-
+from conftest import FAMILIES, TINY, tiny, tokens
 
 @pytest.mark.parametrize("family", FAMILIES, ids=["llama", "mistral", "qwen2"])
 def test_every_decoder_linear_becomes_quantize_linear(family):
     model = tiny(family)
     n_params = sum(p.numel() for p in model.parameters())
-    quantize_model(model, 4, 8, 4)
+    QuantSetting(4, 8, 4).apply(model)
     linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 7 * TINY["num_hidden_layers"] and all(type(m) is QuantizeLinear for m in linears)
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
@@ -44,8 +33,8 @@ def test_every_decoder_linear_becomes_quantize_linear(family):
 def test_32_bits_gives_identical_logits_and_4_bits_differs(family):
     ref_model, x = tiny(family), tokens()
     ref = ref_model(x).logits
-    assert torch.equal(quantize_model(tiny(family), 32, 32, 32)(x).logits, ref)
-    assert not torch.allclose(quantize_model(tiny(family), 4, 8, 4)(x).logits, ref, atol=1e-3)
+    assert torch.equal(QuantSetting(32, 32, 32).apply(tiny(family))(x).logits, ref)
+    assert not torch.allclose(QuantSetting(4, 8, 4).apply(tiny(family))(x).logits, ref, atol=1e-3)
 
 
 def kv_outputs(model, x):
@@ -61,7 +50,7 @@ def kv_outputs(model, x):
 
 
 def test_kv_cache_quantized_per_token_before_rope():
-    model, x = quantize_model(tiny(FAMILIES[0]), 32, 32, 4), tokens()
+    model, x = QuantSetting(32, 32, 4).apply(tiny(FAMILIES[0])), tokens()
     attn, seen = kv_outputs(model, x)
     for name in ("k_proj", "v_proj"):
         inp, out = seen[name]
@@ -73,10 +62,10 @@ def test_kv_cache_quantized_per_token_before_rope():
 
 
 def test_kv_post_rope_quantizes_keys_after_rope(monkeypatch):
-    import models.quant_model as qm
+    import models.kv_cache as qm
     x = tokens()
-    pre = quantize_model(tiny(FAMILIES[0]), 32, 32, 4)
-    post = quantize_model(tiny(FAMILIES[0]), 32, 32, 4, kv_post_rope=True)
+    pre = QuantSetting(32, 32, 4).apply(tiny(FAMILIES[0]))
+    post = QuantSetting(32, 32, 4, kv_post_rope=True).apply(tiny(FAMILIES[0]))
     assert post.model.layers[0].self_attn.k_proj.out_bits == 32
     assert post.config._attn_implementation.startswith("llmqat_kv_post_rope|")
     seen = []
@@ -100,7 +89,7 @@ def test_quantize_kv_groups_all_heads_of_a_token():
 
 @pytest.mark.parametrize("post_rope", [False, True])
 def test_save_and_load_rebuilds_the_quantized_model(tmp_path, post_rope):
-    model, x = quantize_model(tiny(FAMILIES[0]), 4, 8, 4, kv_post_rope=post_rope), tokens()
+    model, x = QuantSetting(4, 8, 4, kv_post_rope=post_rope).apply(tiny(FAMILIES[0])), tokens()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["w_bits"], config["a_bits"], config["kv_bits"]) == (4, 8, 4)
@@ -115,15 +104,36 @@ def test_load_fp_model_stays_fp(tmp_path):
     assert type(load_model(str(tmp_path)).model.layers[0].self_attn.q_proj) is nn.Linear
 
 
-@pytest.mark.parametrize("bits,msg", [((4, 8, 9), "kv_bits=9"), ((0, 8, 8), "w_bits=0"), ((4, 8, 1), "kv_bits=1"),
-                                      ((4, 12, 8), "a_bits=12")])
-def test_bad_bits_are_rejected(bits, msg):
-    with pytest.raises(ValueError, match=msg):
-        quantize_model(tiny(FAMILIES[0]), *bits)
+@pytest.mark.parametrize("bits,msg", [((4, 8, 9), "kv_bits=9 is not allowed; use 1-8, 16 or 32"),
+                                      ((0, 8, 8), "w_bits=0 is not allowed; use 1-8, 16 or 32"),
+                                      ((4, 8, 1), "kv_bits=1 is not allowed"), ((4, 12, 8), "a_bits=12"),
+                                      ((4.0, 8, 8), "w_bits=4.0")])
+def test_bad_bits_are_rejected_once_with_one_message(bits, msg):
+    with pytest.raises(InputError, match=msg):
+        QuantSetting(*bits)
+    with pytest.raises(InputError, match="kv_bits=x is not allowed"):
+        QuantSetting.of("4", "8", "x")
+    assert QuantSetting.of("4", "8", "4") == QuantSetting(4, 8, 4)
+
+
+def test_quant_setting_names_labels_and_config_round_trip():
+    s = QuantSetting(4, 8, 4)
+    assert (s.name, s.label, s.bits, s.is_float) == ("W4A8KV4", "4-8-4", (4, 8, 4), False)
+    assert QuantSetting.parse("4-8-4") == QuantSetting.parse("W4A8KV4") == s and QuantSetting().is_float
+    with pytest.raises(InputError, match="'4-8': write W-A-KV as 4-8-4 or W4A8KV4"):
+        QuantSetting.parse("4-8")
+    config = LlamaConfig(**TINY)
+    assert QuantSetting.from_config(config) is None
+    QuantSetting(4, 8, 4, kv_post_rope=True).write_config(config)
+    assert QuantSetting.from_config(config) == QuantSetting(4, 8, 4, True)
+    model = s.apply(tiny(FAMILIES[0]))
+    assert QuantSetting.from_config(model.config) == s
+    q = model.model.layers[0].self_attn
+    assert (q.k_proj.out_bits, q.v_proj.out_bits, q.q_proj.out_bits, q.q_proj.w_bits, q.q_proj.a_bits) == (4, 4, 32, 4, 8)
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
+    with pytest.raises(InputError, match="not a local Hugging Face model directory"):
         load_model(str(tmp_path / "nope"))
 
 
@@ -132,7 +142,7 @@ def test_empty_load_has_the_structure_and_buffers_but_reads_no_weights(tmp_path,
     """FSDP ranks != 0 (load_model(empty=True)): same names, shapes, quantized layers and buffers as a real
     load, real CPU storage for every parameter (accelerate maps the optimizer by data_ptr), ties kept."""
     torch.manual_seed(0)
-    quantize_model(Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=tied)), 4, 8, 4).save_pretrained(tmp_path)
+    QuantSetting(4, 8, 4).apply(Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=tied))).save_pretrained(tmp_path)
     real, empty = load_model(str(tmp_path)), load_model(str(tmp_path), empty=True)
     assert [(n, p.shape, p.dtype) for n, p in real.named_parameters()] == \
            [(n, p.shape, p.dtype) for n, p in empty.named_parameters()]

@@ -18,6 +18,9 @@ from models.gguf_writer import write_gguf
 from utils import model_zoo
 from utils.errors import InputError
 
+pytestmark = pytest.mark.slow  # end-to-end: pytest -m "not slow" skips it
+
+
 SAMPLES = ["To be, or not to be: that is the question.", "  Whether 'tis nobler\n\tin the mind ü 2024!"]
 
 

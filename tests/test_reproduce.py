@@ -8,7 +8,10 @@ import pytest
 
 from utils.reproduce import BITS, rows_to_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO  # noqa: E402
+
+pytestmark = pytest.mark.slow  # end-to-end: pytest -m "not slow" skips it
+
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow  # end-to-end: pytest -m "not slow" skips it
 
 
 def test_sharded_teacher_holds_half_and_gives_identical_logits(tmp_path):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.quant_model import quantize_model
+from models.quant_model import QuantSetting
 from models.smoothquant import GROUPS, activation_absmax, smooth
-from test_quant_model import FAMILIES, TINY, tiny as tiny_model
-from utils.process_args import EMBEDDED_MODEL
+from conftest import FAMILIES, TINY, tiny as tiny_model
+from utils.constants import EMBEDDED_MODEL
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO  # noqa: E402
 
 
 def tiny(family, seed=0):
@@ -80,10 +80,10 @@ def test_outlier_channels_quantize_better_than_rtn():
     ids = windows()
     with torch.no_grad():
         fp = outlier_model()(ids).logits
-        rtn = quantize_model(outlier_model(), 8, 8, 32)(ids).logits
+        rtn = QuantSetting(8, 8, 32).apply(outlier_model())(ids).logits
         sq = outlier_model()
         smooth(sq, activation_absmax(sq, ids), alpha=0.5)
-        sq = quantize_model(sq, 8, 8, 32)(ids).logits
+        sq = QuantSetting(8, 8, 32).apply(sq)(ids).logits
     rtn_err, sq_err = (rtn - fp).pow(2).mean().item(), (sq - fp).pow(2).mean().item()
     assert sq_err < 0.25 * rtn_err, (sq_err, rtn_err)
 
@@ -96,7 +96,7 @@ def test_eval_cli_smoothquant(tmp_path):
            "--max_windows", "4", "--output_json", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # no gen_data/ there
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "activation maxima from 4 windows of 512 tokens" in proc.stdout  # capped at max_position_embeddings
+    assert "SmoothQuant: calibrated on 4 windows of 512 tokens, alpha 0.5" in proc.stdout  # capped at max_position_embeddings
     r = json.load(open(out))
     assert (r["method"], r["bits"], r["smoothquant"]["alpha"]) == ("SmoothQuant", "8-8-8", 0.5)
     assert r["smoothquant"]["calib_data"][0].endswith("shakespeare_train_small.jsonl")

@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 from models.quant_model import load_model
 from models.utils_quant import QuantizeLinear
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO  # noqa: E402
+
+pytestmark = pytest.mark.slow  # end-to-end: pytest -m "not slow" skips it
+
 # 64-token blocks; 4 training blocks = one global batch, repeated every step, so the loss must fall
 SHORT = ["--model_max_length", "64", "--max_train_samples", "4", "--max_eval_samples", "8", "--learning_rate", "1e-4"]
 

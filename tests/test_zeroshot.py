@@ -10,7 +10,7 @@ from models.quant_model import load_model
 from utils.errors import InputError
 from utils.zeroshot import PAPER_TASKS, evaluate_tasks, resolve_tasks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO as ROOT  # noqa: E402
 TINY = os.path.join(ROOT, "assets", "tiny_llama")
 
 

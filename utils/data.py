@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from utils.errors import InputError
 from utils.io import atomic_write
+from utils.shards import complete_lines
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +56,21 @@ def write_texts(path, texts):
 
 
 def read_texts(path):
-    """Texts of one jsonl file. A last line without newline that does not parse is a line still being
-    written (a live generation shard): it is skipped with a warning. Any other bad line is an error."""
+    """Texts of one jsonl file. A torn last line (a live generation shard) is skipped with a warning, as
+    utils.shards says; any other bad line, or bytes that are not UTF-8, is an error naming the file and line."""
     texts = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for n, line in enumerate(lines, 1):
+    try:
+        with open(path, "rb") as f:
+            lines, _ = complete_lines(f, path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    for n, line in lines:
         if not line.strip():
             continue
         try:
-            text = text_of(line)
-        except ValueError as e:
-            if n == len(lines) and not line.endswith("\n"):
-                logger.warning("%s:%d: skipping an unfinished last line", path, n)
-                continue
+            texts.append(text_of(line.decode("utf-8")))
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise DataError(f"{path}:{n}: not a JSON object with a string 'text' field ({e})") from None
-        texts.append(text)
     if not texts:
         raise DataError(f"{path}: no text lines (empty file?)")
     return texts

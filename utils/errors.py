@@ -1,9 +1,7 @@
 import os
 import sys
 
-
-class InputError(ValueError):
-    """Bad user input (bit width, path, data): reported as one line, exit code 1, before work starts."""
+from models.errors import InputError  # noqa: F401  (the one error type of bad input, re-exported)
 
 
 def cli(main):

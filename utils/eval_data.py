@@ -43,9 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--wikitext_file", help="wiki.test.raw, or a .parquet/.arrow of the test split")
     p.add_argument("--wikitext_dir", help=f"a directory holding one of {', '.join(WIKI_DIR_FILES)}")
     p.add_argument("--c4_file", help="c4-validation.00000-of-00008.json.gz (or the same json lines uncompressed)")
-    args = p.parse_args(argv)
-    args.which = list(dict.fromkeys(args.which))
-    return args
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """prepare_eval_data.py: the command line in, one prepare() call."""
+    a = parse_args(argv)
+    return prepare(a.out_dir, a.which, a.wikitext_file, a.wikitext_dir, a.c4_file)
 
 
 def table_texts(path):
@@ -88,14 +92,14 @@ def json_texts(path, limit):
     return texts
 
 
-def local_file(args, which):
+def local_file(which, wikitext_file, wikitext_dir, c4_file):
     if which == "c4":
-        return args.c4_file
-    if args.wikitext_file or not args.wikitext_dir:
-        return args.wikitext_file
-    found = [p for p in (os.path.join(args.wikitext_dir, f) for f in WIKI_DIR_FILES) if os.path.isfile(p)]
+        return c4_file
+    if wikitext_file or not wikitext_dir:
+        return wikitext_file
+    found = [p for p in (os.path.join(wikitext_dir, f) for f in WIKI_DIR_FILES) if os.path.isfile(p)]
     if not found:
-        raise InputError(f"--wikitext_dir {args.wikitext_dir!r}: none of {', '.join(WIKI_DIR_FILES)} in it")
+        raise InputError(f"--wikitext_dir {wikitext_dir!r}: none of {', '.join(WIKI_DIR_FILES)} in it")
     return found[0]
 
 
@@ -162,15 +166,17 @@ def joined(which, rows):
     return " ".join(rows)
 
 
-def prepare(args):
-    """prepare_eval_data.py: returns {set: output path}."""
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise InputError(f"--out_dir {args.out_dir!r} is not a directory")
-    if args.wikitext_file and args.wikitext_dir:
+def prepare(out_dir=".", which=("wiki2", "c4"), wikitext_file=None, wikitext_dir=None, c4_file=None):
+    """Write <out_dir>/<set>.jsonl for each set in which (wiki2, c4), from local files or the hub; returns
+    {set: output path}."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"--out_dir {out_dir!r} is not a directory")
+    if wikitext_file and wikitext_dir:
         raise InputError("give --wikitext_file or --wikitext_dir, not both")
+    sets = list(dict.fromkeys(which))
     texts, sources, failures = {}, {}, []
-    for which in args.which:  # read everything first: a failure writes nothing
-        path = local_file(args, which)
+    for which in sets:  # read everything first: a failure writes nothing
+        path = local_file(which, wikitext_file, wikitext_dir, c4_file)
         if path:
             rows, sources[which] = read_local(path, which), path
         else:
@@ -184,10 +190,10 @@ def prepare(args):
         texts[which] = (joined(which, rows), len(rows))
     if failures:
         raise InputError("; ".join(failures))
-    os.makedirs(args.out_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     written = {}
     for which, (text, n_rows) in texts.items():
-        written[which] = os.path.join(args.out_dir, f"{which}.jsonl")
+        written[which] = os.path.join(out_dir, f"{which}.jsonl")
         write_texts(written[which], [text])  # one line, atomically
         print(f"wrote {written[which]}: 1 line, {len(text)} characters from {n_rows} rows of {sources[which]}")
     return written

@@ -17,17 +17,18 @@ import os
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
-from models.quant_model import DTYPES, check_bits, is_quantized_config, load_model, quantize_model, resolve_dtype
+from models.baselines import BASELINES, baseline as get_baseline
+from models.dtypes import DTYPES, resolve_dtype
+from models.quant_model import QuantSetting, load_model, read_config
 from utils.data import BlockDataset, expand_paths, read_texts, tokenize_texts
 from utils.errors import InputError
 from utils.io import atomic_write
 from utils.model_zoo import resolve_model
-from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
+from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN, GENERATED
 
 logger = logging.getLogger("llm_qat.eval")
-GENERATED = os.path.join("gen_data", "all_gen.jsonl")  # merge_gen_data.py's output
 
 
 @torch.inference_mode()
@@ -46,58 +47,38 @@ def perplexity(model, ids, seq_len, batch_size=1, max_windows=None, desc="perple
     return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "windows": n, "seq_len": seq_len, "tokens": tokens}
 
 
-def eval_setting(path, w_bits=None, a_bits=None, kv_bits=None, smoothquant=None, gptq=False):
-    """(method, bits) of what eval.py will run, checked before any loading: bits given -> RTN of an FP
-    model (SmoothQuant with an alpha, GPTQ weights with gptq); a saved QAT model -> its own bits; else FP."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"model {path!r}: not a local Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    if smoothquant is not None and not 0 < smoothquant <= 1:
-        raise InputError(f"--smoothquant {smoothquant}: the migration strength alpha must be in (0, 1] (paper: 0.5)")
-    if smoothquant is not None and gptq:
-        raise InputError("--smoothquant and --gptq are separate baselines: pass one")
-    if gptq and w_bits not in range(3, 9):
-        raise InputError(f"--gptq needs --w_bits 3-8 (the symmetric per-channel grid), not {w_bits}")
-    if all(b is None for b in (w_bits, a_bits, kv_bits)):
-        if smoothquant is not None:
-            raise InputError("--smoothquant needs the bits to quantize to: --w_bits/--a_bits/--kv_bits")
-        if is_quantized_config(config):
-            return "QAT", (config.w_bits, config.a_bits, config.kv_bits)
-        return "FP", (32, 32, 32)
-    if is_quantized_config(config):
-        raise InputError(f"model {path!r} is already quantized (W{config.w_bits}-A{config.a_bits}-KV{config.kv_bits}); "
-                         "--w_bits/--a_bits/--kv_bits apply to a full-precision model (the RTN baseline)")
-    bits = tuple(32 if b is None else b for b in (w_bits, a_bits, kv_bits))
-    try:
-        check_bits(*bits)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    return ("GPTQ" if gptq else "RTN" if smoothquant is None else "SmoothQuant"), bits
+def eval_plan(path, setting=None, baseline=None, alpha=None):
+    """(method, setting) of what evaluation will run, checked before any loading: a setting given -> that
+    baseline (default RTN) of an FP model; no setting -> a saved QAT model's own setting, or FP."""
+    config = read_config(path)
+    saved = QuantSetting.from_config(config)
+    if setting is None:
+        if baseline not in (None, "RTN"):
+            raise InputError(f"--{baseline.lower()} needs the bits to quantize to: --w_bits/--a_bits/--kv_bits")
+        return ("QAT", saved) if saved is not None else ("FP", QuantSetting())
+    if saved is not None:
+        raise InputError(f"model {path!r} is already quantized ({saved.name}); --w_bits/--a_bits/--kv_bits "
+                         "apply to a full-precision model (the RTN baseline)")
+    chosen = get_baseline(baseline or "RTN")
+    chosen.check(setting, alpha)
+    return chosen.name, setting
 
 
-def load_for_eval(path, w_bits=None, a_bits=None, kv_bits=None, kv_post_rope=False, dtype=torch.float32,
-                  setting=None, smoothquant=None, gptq=False, calibration=None):
-    """(model, tokenizer, method, bits) for eval_setting's (method, bits), passed in if already checked.
+def load_for_eval(path, setting=None, baseline=None, alpha=None, calibration=None, dtype=torch.float32, plan=None):
+    """(model, tokenizer, method, setting) for eval_plan's (method, setting), passed in as plan if checked.
     SmoothQuant, GPTQ: calibration = (jsonl files, windows, seq_len)."""
-    method, bits = setting or eval_setting(path, w_bits, a_bits, kv_bits, smoothquant, gptq)
+    method, setting = plan or eval_plan(path, setting, baseline, alpha)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if method in ("SmoothQuant", "GPTQ"):
-        windows = calibration_windows(model, tokenizer, *calibration)
-        what = f"{len(windows)} windows of {windows.shape[1]} tokens"
-        if method == "SmoothQuant":
-            from models.smoothquant import activation_absmax, smooth
-            smooth(model, activation_absmax(model, windows), smoothquant)
-            print(f"SmoothQuant: alpha {smoothquant}, activation maxima from {what}")
-        else:
-            from models.gptq import gptq_model
-            gptq_model(model, windows, bits[0])
-            print(f"GPTQ: W{bits[0]} weights calibrated on {what}")
-    if method in ("RTN", "SmoothQuant", "GPTQ"):
-        # GPTQ's weights are on their grid already (w 32); activations and KV are quantized as RTN's
-        quantize_model(model, *((32, *bits[1:]) if method == "GPTQ" else bits), kv_post_rope=kv_post_rope)
-    return model, tokenizer, method, "-".join(map(str, bits))
+    if method in BASELINES:
+        chosen, windows = BASELINES[method], None
+        if chosen.calibrated:
+            windows = calibration_windows(model, tokenizer, *calibration)
+            print(f"{method}: calibrated on {len(windows)} windows of {windows.shape[1]} tokens"
+                  + (f", alpha {alpha}" if chosen.uses_alpha else ""))
+        chosen.quantize(model, setting, windows, alpha)
+    return model, tokenizer, method, setting
 
 
 def calibration_windows(model, tokenizer, files, n, seq_len):
@@ -160,54 +141,74 @@ def default_calib_data(model_path):
                      f"(e.g. {GENERATED} from generate_data.py + merge_gen_data.py)")
 
 
-def evaluate(args):
-    args.model = resolve_model(args.model)
-    setting = eval_setting(args.model, args.w_bits, args.a_bits, args.kv_bits, args.smoothquant, args.gptq)
-    if args.seq_len < 2:
-        raise InputError(f"--seq_len {args.seq_len}: must be >= 2")
+def evaluate(model, setting=None, baseline=None, *, alpha=None, ppl_data=None, seq_len=2048, max_windows=None,
+             tasks=None, limit=None, batch_size=4, dtype="auto", calib_data=None, calib_windows=128,
+             calib_seq_len=512, output_json=None):
+    """Perplexity on each ppl_data file (None: the default held-out text; []: none) and zero-shot tasks (a comma
+    list) of a model directory or packaged model's name: FP, a QAT checkpoint, an export, or an FP model
+    quantized to setting by a training-free baseline (RTN, SmoothQuant with alpha, GPTQ). Returns the result
+    dict, also written atomically to output_json."""
+    model_path = resolve_model(model)
+    plan = eval_plan(model_path, setting, baseline, alpha)
+    method, setting = plan
+    if seq_len < 2:
+        raise InputError(f"--seq_len {seq_len}: must be >= 2")
     calibration = None
-    if setting[0] in ("SmoothQuant", "GPTQ"):
-        if args.calib_windows < 1 or args.calib_seq_len < 2:
-            raise InputError(f"--calib_windows {args.calib_windows} --calib_seq_len {args.calib_seq_len}: "
+    if method in BASELINES and BASELINES[method].calibrated:
+        if calib_windows < 1 or calib_seq_len < 2:
+            raise InputError(f"--calib_windows {calib_windows} --calib_seq_len {calib_seq_len}: "
                              "need >= 1 window of >= 2 tokens")
-        files = default_calib_data(args.model) if args.calib_data is None else args.calib_data
-        calibration = ([f for spec in files for f in expand_paths(spec)], args.calib_windows, args.calib_seq_len)
-    ppl_files = default_ppl_data(args.model) if args.ppl_data is None else args.ppl_data
+        files = default_calib_data(model_path) if calib_data is None else calib_data
+        calibration = ([f for spec in files for f in expand_paths(spec)], calib_windows, calib_seq_len)
+    ppl_files = default_ppl_data(model_path) if ppl_data is None else ppl_data
     ppl_files = [f for spec in ppl_files for f in expand_paths(spec)]  # fail on a missing file before loading
-    tasks = []
-    if args.tasks:
+    task_list = []
+    if tasks:
         from utils.zeroshot import resolve_tasks
-        tasks = resolve_tasks(args.tasks)
-    dtype = resolve_dtype(args.dtype)
-    model, tokenizer, method, bits = load_for_eval(args.model, kv_post_rope=args.kv_post_rope, dtype=DTYPES[dtype],
-                                                   setting=setting, smoothquant=args.smoothquant,
-                                                   gptq=args.gptq, calibration=calibration)
-    seq_len = args.seq_len
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", seq_len)
-    if seq_len > limit:
-        print(f"note: --seq_len {seq_len} > the model's max_position_embeddings {limit}: windows of {limit}")
-        seq_len = limit
-    result = {"model": args.model, "method": method, "bits": bits, "ppl": {}, "tasks": {}}
+        task_list = resolve_tasks(tasks)
+    dtype = resolve_dtype(dtype)
+    net, tokenizer, method, setting = load_for_eval(model_path, alpha=alpha, calibration=calibration,
+                                                    dtype=DTYPES[dtype], plan=plan)
+    limit_len = getattr(net.config.get_text_config(), "max_position_embeddings", seq_len)
+    if seq_len > limit_len:
+        print(f"note: --seq_len {seq_len} > the model's max_position_embeddings {limit_len}: windows of {limit_len}")
+        seq_len = limit_len
+    result = {"model": model_path, "method": method, "bits": setting.label, "ppl": {}, "tasks": {}}
     if method == "SmoothQuant":
-        result["smoothquant"] = {"alpha": args.smoothquant, "calib_data": calibration[0]}
+        result["smoothquant"] = {"alpha": alpha, "calib_data": calibration[0]}
     if method == "GPTQ":
         result["gptq"] = {"calib_data": calibration[0]}
-    print(f"{args.model}: {method} W-A-KV {bits}, {dtype} on {model.device}")
+    print(f"{model_path}: {method} W-A-KV {setting.label}, {dtype} on {net.device}")
     for path in ppl_files:
         ids = tokenize_texts(read_texts(path), tokenizer)
         name = os.path.splitext(os.path.basename(path))[0]
-        r = result["ppl"][name] = {"path": path, **perplexity(model, ids, seq_len, args.batch_size, args.max_windows,
-                                                               desc=name)}
+        r = result["ppl"][name] = {"path": path, **perplexity(net, ids, seq_len, batch_size, max_windows, desc=name)}
         print(f"perplexity {name}: {r['ppl']:.4f}  ({r['windows']} windows of {seq_len} tokens)")
-    if tasks:
+    if task_list:
         from utils.zeroshot import evaluate_tasks
-        result["tasks"] = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
+        result["tasks"] = evaluate_tasks(net, tokenizer, task_list, batch_size=batch_size, limit=limit)
         for name, r in result["tasks"].items():
             norm = "" if r.get("acc_norm") is None else f"  acc_norm {r['acc_norm']:.4f}"
             print(f"zero-shot {name}: acc {r['acc']:.4f}{norm}  ({r['n']} docs)")
-    if args.output_json:
-        write_json(args.output_json, result)
+    if output_json:
+        write_json(output_json, result)
     return result
+
+
+def main(argv=None):
+    """eval.py: the command line in, one evaluate() call."""
+    args = parse_args(argv)
+    bits = (args.w_bits, args.a_bits, args.kv_bits)
+    setting = None
+    if any(b is not None for b in bits):
+        setting = QuantSetting(*(32 if b is None else b for b in bits), kv_post_rope=args.kv_post_rope)
+    if args.smoothquant is not None and args.gptq:
+        raise InputError("--smoothquant and --gptq are separate baselines: pass one")
+    baseline = "SmoothQuant" if args.smoothquant is not None else "GPTQ" if args.gptq else None
+    return evaluate(args.model, setting, baseline, alpha=args.smoothquant, ppl_data=args.ppl_data,
+                    seq_len=args.seq_len, max_windows=args.max_windows, tasks=args.tasks, limit=args.limit,
+                    batch_size=args.batch_size, dtype=args.dtype, calib_data=args.calib_data,
+                    calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len, output_json=args.output_json)
 
 
 def write_json(path, obj):

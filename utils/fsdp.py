@@ -27,12 +27,13 @@ import resource
 import torch
 from transformers import TrainerCallback
 
+from utils.internals import fsdp2_shard, set_distributed_type
+
 logger = logging.getLogger(__name__)
 
 
 def promote_to_fsdp(accelerator, fsdp_plugin_args) -> bool:
     """Promote a MULTI_CPU accelerator state to FSDP when FSDP was requested. Returns True if it did."""
-    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
@@ -46,8 +47,7 @@ def promote_to_fsdp(accelerator, fsdp_plugin_args) -> bool:
         # "Inconsistent compute device" check against plain "cpu". FSDP2 does not use it.
         state.device = torch.device("cpu")
     state.fsdp_plugin = plugin
-    state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState does this too
+    set_distributed_type(state, DistributedType.FSDP)
     if state.is_main_process:
         logger.warning(
             "utils.fsdp: CPU multi-process run (%s procs, backend %s): using FSDP%d instead of accelerate's DDP fallback",
@@ -88,12 +88,11 @@ def shard_frozen(module, accelerator) -> bool:
     With cpu_ram_efficient_loading the weights come from rank 0 (see weights_from_rank0). Needs FSDP2
     (the default); returns False and leaves the module as is otherwise."""
     from accelerate.utils import DistributedType
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if accelerator.distributed_type != DistributedType.FSDP or plugin is None or plugin.fsdp_version != 2:
         return False
-    fsdp2_prepare_model(accelerator, module)  # in place: trainable params only are upcast, and it has none
+    fsdp2_shard(accelerator, module)  # in place: trainable params only are upcast, and it has none
     module.set_reshard_after_forward(True)  # also the root and head: there is no backward to keep them for
     return True
 

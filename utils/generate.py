@@ -16,9 +16,7 @@ seeded by (seed, start id, prefix length), so a resumed shard has the same texts
 uninterrupted one (same machine, same batch size).
 """
 import argparse
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import time
@@ -27,11 +25,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from models.quant_model import DTYPES, resolve_dtype
+from models.dtypes import DTYPES, resolve_dtype
+from utils.constants import EMBEDDED_MODEL
 from utils.decode import Sampling, generate_batch
 from utils.errors import InputError
 from utils.model_zoo import resolve_model
-from utils.process_args import EMBEDDED_MODEL
+from utils.shards import ShardFile
 
 logger = logging.getLogger("llm_qat.generate")
 
@@ -96,84 +95,6 @@ def plan_segments(start_ids, prefix_lengths, batch_size):
     return [pairs[k:k + size] for k in range(0, len(pairs), size)]
 
 
-class ShardFile:
-    """gen.chunk.XX.jsonl, append-only, and its sidecar gen.chunk.XX.meta.json (the generation settings)."""
-
-    def __init__(self, out_dir, shard):
-        self.path = os.path.join(out_dir, f"gen.chunk.{shard:02d}.jsonl")
-        self.meta_path = os.path.join(out_dir, f"gen.chunk.{shard:02d}.meta.json")
-        self.fd = None
-
-    def check_meta(self, meta):
-        """A shard resumes only with the settings it was started with (else its lines would mix two corpora)."""
-        if not os.path.exists(self.meta_path):
-            return
-        with open(self.meta_path, encoding="utf-8") as f:
-            old = json.load(f)
-        for key, value in meta.items():
-            if old.get(key) != value:
-                raise InputError(f"{self.path} was started with {key}={old.get(key)!r}, not {value!r}: "
-                                 "rerun with the same arguments, or use another --out_dir")
-
-    def scan(self, expected):
-        """(start id, prefix length) pairs already written, and the byte size of the complete lines.
-        A last line without newline is a write cut short by a kill; any other bad line is an error."""
-        done, good_size = set(), 0
-        if not os.path.exists(self.path):
-            return done, good_size
-        with open(self.path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                if not line.endswith(b"\n"):
-                    break  # torn last line
-                try:
-                    record = json.loads(line)
-                    key = (record["start_id"], record["prefix_length"])
-                    if not isinstance(record["text"], str):
-                        raise TypeError("'text' is not a string")
-                except (ValueError, KeyError, TypeError) as e:
-                    raise InputError(f"{self.path}:{n}: not a generated line ({e}); "
-                                     "move the file away to regenerate the shard") from None
-                if key not in expected or key in done:
-                    raise InputError(f"{self.path}:{n}: (start id, prefix length) {key} is "
-                                     f"{'a duplicate' if key in done else 'not in this shard'}: the file "
-                                     "was written with other arguments; use another --out_dir")
-                done.add(key)
-                good_size += len(line)
-        return done, good_size
-
-    def open(self, expected, meta):
-        """Lock the shard for this process, cut a torn last line, write the sidecar; returns the pairs done."""
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel even on kill -9
-        except BlockingIOError:
-            raise InputError(f"{self.path} is being written by another process (same shard running twice?)") from None
-        done, good_size = self.scan(expected)
-        torn = os.fstat(self.fd).st_size - good_size
-        if torn:
-            logger.info("%s: dropping a torn last line (%d bytes) left by an interrupted run", self.path, torn)
-            os.ftruncate(self.fd, good_size)
-        if not os.path.exists(self.meta_path):
-            tmp = self.meta_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1)
-            os.replace(tmp, self.meta_path)
-        return done
-
-    def append(self, record):
-        # One write() per line on an O_APPEND file: a kill leaves whole lines, or one torn last line.
-        os.write(self.fd, (json.dumps(record) + "\n").encode("utf-8"))
-
-    def sync(self):
-        os.fsync(self.fd)
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def default_batch_size(model, max_length):
     """As many sequences as fit with a full KV cache of max_length tokens in 80% of the device's memory
     beside the weights, at most MAX_BATCH_SIZE. From total, not free, memory, so a rerun gets the same
@@ -225,76 +146,95 @@ def eos_token_ids(model):
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def load_model(path, dtype="auto"):
+def load_generator(path, dtype="auto"):
     """The model on the GPU if there is one; dtype "auto": bfloat16 where it pays (models.quant_model.bf16_pays)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[resolve_dtype(dtype, AutoConfig.from_pretrained(path))]
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def check_args(args, config, tokenizer, ids=None):
-    """Bad arguments fail here, before anything is written. Returns (start ids, max_length)."""
-    if args.max_length < 2:
-        raise InputError(f"--max_length {args.max_length}: must be >= 2")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch_size {args.batch_size}: must be >= 1")
-    text_config = config.get_text_config()
-    vocab_size = min(len(tokenizer), text_config.vocab_size)  # padded embedding rows are no tokens
-    if ids is None:
-        ids = shard_ids(args.shard, vocab_size, args.n_vocab, args.num_shards)
-    elif not (len(ids) and 0 <= min(ids) and max(ids) < vocab_size):
-        raise InputError(f"start ids {ids}: must be a non-empty range within the vocabulary 0-{vocab_size - 1}")
-    max_length = args.max_length
-    limit = getattr(text_config, "max_position_embeddings", None)
+def check_settings(start_ids, prefix_lengths, max_length, batch_size, config, tokenizer):
+    """Bad settings fail here, before anything is written. Returns max_length capped to the model's context."""
+    if max_length < 2:
+        raise InputError(f"--max_length {max_length}: must be >= 2")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch_size {batch_size}: must be >= 1")
+    vocab_size = vocab_of(config, tokenizer)
+    if not (len(start_ids) and 0 <= min(start_ids) and max(start_ids) < vocab_size):
+        raise InputError(f"start ids {start_ids}: must be a non-empty range within the vocabulary 0-{vocab_size - 1}")
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit and max_length > limit:
         logger.info("--max_length %d capped to the model's max_position_embeddings %d", max_length, limit)
         max_length = limit
-    for j in args.prefix_lengths:
+    for j in prefix_lengths:
         if not 1 <= j <= max_length:
             raise InputError(f"--prefix_lengths {j}: must be 1 <= j <= max_length {max_length}")
-    if len(set(args.prefix_lengths)) < len(args.prefix_lengths):
-        raise InputError(f"--prefix_lengths {' '.join(map(str, args.prefix_lengths))}: a length is repeated")
-    return ids, max_length
+    if len(set(prefix_lengths)) < len(prefix_lengths):
+        raise InputError(f"--prefix_lengths {' '.join(map(str, prefix_lengths))}: a length is repeated")
+    return max_length
 
 
-def generate_shard(args, ids=None):
-    """generate_data.py: write one shard, or complete an interrupted one. ids (a range, any step) replaces the
-    shard's own slice of the vocabulary (the reproduction samples the vocabulary with a stride)."""
-    args.model = resolve_model(args.model)
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise InputError(f"--model {args.model!r}: not a local Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(args.model)
+def vocab_of(config, tokenizer):
+    return min(len(tokenizer), config.get_text_config().vocab_size)  # padded embedding rows are no tokens
+
+
+def load_config_and_tokenizer(model):
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise InputError(f"--model {model!r}: not a local Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        return config, AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
-        raise InputError(f"--model {args.model!r}: cannot load its tokenizer ({e})") from None
-    ids, max_length = check_args(args, config, tokenizer, ids)
-    dtype = resolve_dtype(args.dtype, config)
-    meta = {"model": os.path.abspath(args.model), "start_ids": [ids.start, ids.stop],
+        raise InputError(f"--model {model!r}: cannot load its tokenizer ({e})") from None
+
+
+def generate_shard(model, start_ids, out_dir="gen_data", shard=0, prefix_lengths=(3, 4, 5), max_length=2048,
+                   batch_size=None, seed=0, dtype="auto"):
+    """Write shard `shard` of out_dir: one sequence per (start id, prefix length), start_ids a range (any step);
+    or complete an interrupted one. Returns the shard's path."""
+    model = resolve_model(model)
+    config, tokenizer = load_config_and_tokenizer(model)
+    prefix_lengths = list(prefix_lengths)
+    max_length = check_settings(start_ids, prefix_lengths, max_length, batch_size, config, tokenizer)
+    ids = start_ids
+    dtype = resolve_dtype(dtype, config)
+    meta = {"model": os.path.abspath(model), "start_ids": [ids.start, ids.stop],
             **({"id_step": ids.step} if ids.step != 1 else {}),
-            "prefix_lengths": args.prefix_lengths, "max_length": max_length, "seed": args.seed, "dtype": dtype}
-    shard_file = ShardFile(args.out_dir, args.shard)
+            "prefix_lengths": prefix_lengths, "max_length": max_length, "seed": seed, "dtype": dtype}
+    shard_file = ShardFile(out_dir, shard)
     shard_file.check_meta(meta)
-    expected = {(i, j) for j in args.prefix_lengths for i in ids}
+    expected = {(i, j) for j in prefix_lengths for i in ids}
     done, _ = shard_file.scan(expected)
-    name = f"shard {args.shard:02d}"
+    name = f"shard {shard:02d}"
     if len(done) == len(expected):
         print(f"{name}: complete, all {len(expected)} sequences are in {shard_file.path}; nothing to do")
-        return
+        return shard_file.path
 
-    model = load_model(args.model, dtype)
-    sampling = Sampling.of(model.generation_config)
-    batch_size = args.batch_size or default_batch_size(model, max_length)
+    net = load_generator(model, dtype)
+    sampling = Sampling.of(net.generation_config)
+    batch_size = batch_size or default_batch_size(net, max_length)
     logger.info("%s: start ids %s, prefix lengths %s, max_length %d, batch size %d, %s on %s, %s", name,
-                f"{ids.start}-{ids.stop - 1}" + (f" step {ids.step}" if ids.step != 1 else ""), args.prefix_lengths, max_length, batch_size, dtype, model.device, sampling)
+                f"{ids.start}-{ids.stop - 1}" + (f" step {ids.step}" if ids.step != 1 else ""), prefix_lengths,
+                max_length, batch_size, dtype, net.device, sampling)
     try:
         done = shard_file.open(expected, {**meta, "num_sequences": len(expected)})
         start = time.time()
-        segments = plan_segments(ids, args.prefix_lengths, batch_size)
-        written, tokens = write_sequences(model, tokenizer, shard_file, segments, done, max_length, args.seed, sampling,
-                                          eos_token_ids(model), desc=name, batch_size=batch_size)
+        segments = plan_segments(ids, prefix_lengths, batch_size)
+        written, tokens = write_sequences(net, tokenizer, shard_file, segments, done, max_length, seed, sampling,
+                                          eos_token_ids(net), desc=name, batch_size=batch_size)
     finally:
         shard_file.close()
     seconds = time.time() - start
     print(f"{name}: {written} sequences, {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} "
           f"tokens/s); {len(done) + written} of {len(expected)} in {shard_file.path}")
+    return shard_file.path
+
+
+def main(argv=None):
+    """generate_data.py: the command line in, one generate_shard() call."""
+    args = parse_args(argv)
+    model = resolve_model(args.model)
+    config, tokenizer = load_config_and_tokenizer(model)
+    ids = shard_ids(args.shard, vocab_of(config, tokenizer), args.n_vocab, args.num_shards)
+    return generate_shard(model, ids, args.out_dir, args.shard, args.prefix_lengths, args.max_length,
+                          args.batch_size, args.seed, args.dtype)

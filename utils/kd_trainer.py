@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from utils.fsdp import CpuFsdpMixin, ShardReport, shard_frozen
+from utils.internals import register_prepared
 
 
 KD_CHUNK_ELEMENTS = 2**23  # tokens per chunk x vocab: each fp32 temporary of the loss stays ~32 MB
@@ -74,7 +75,7 @@ class KDTrainer(CpuFsdpMixin, Trainer):
         if not self.args.do_train and shard_frozen(self.model, self.accelerator):
             # evaluation alone: the Trainer would prepare() the model without an optimizer, which FSDP2 refuses;
             # shard it here like the teacher and register it as prepared
-            self.accelerator._models.append(self.model)
+            register_prepared(self.accelerator, self.model)
         self.add_callback(ShardReport(teacher))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -3,14 +3,11 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import transformers
 
-REPO = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL = str(REPO / "assets" / "tiny_llama")
-EMBEDDED_TRAIN = str(REPO / "assets" / "data" / "shakespeare_train_small.jsonl")
-EMBEDDED_EVAL = str(REPO / "assets" / "data" / "shakespeare_eval.jsonl")
+from models.quant_model import QuantSetting
+from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
 
 
 @dataclass
@@ -35,6 +32,12 @@ class ModelArguments:
                                      "autocast), or bfloat16 as the original (pure bf16 weights and optimizer)",
                                      "choices": ["float32", "bfloat16"]})
 
+    def quant_setting(self):
+        """The student's QuantSetting (bad widths fail here, with one line); full precision without --qat."""
+        if not self.qat:
+            return QuantSetting()
+        return QuantSetting(self.w_bits, self.a_bits, self.kv_bits, self.kv_post_rope)
+
 
 @dataclass
 class DataArguments:
@@ -57,6 +60,7 @@ class TrainingArguments(transformers.TrainingArguments):
     fsdp_transformer_layer_cls_to_wrap: str = field(
         default=None, metadata={"help": "Decoder layer class FSDP wraps (default: the model's own, e.g. LlamaDecoderLayer)"})
     # The paper's recipe as defaults (reference section 3); every other TrainingArguments flag works too.
+    do_train: bool = field(default=True, metadata={"help": "Train (False: only --do_eval, e.g. of the RTN student)"})
     report_to: str = field(default="tensorboard", metadata={"help": "Where to log: tensorboard, none, ..."})
     optim: str = field(default="adamw_torch")
     num_train_epochs: float = field(default=1.0)
@@ -94,13 +98,21 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
 def process_args(argv=None):
+    """train.py's command line -> (model_args, data_args, training_args), checked and completed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    explicit_output_dir = any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv)
+    return complete_args(model_args, data_args, training_args, explicit_output_dir)
+
+
+def complete_args(model_args, data_args, training_args, explicit_output_dir=False):
+    """Check the setting once and fill in the names and directories that follow from it (for arguments
+    built in Python as for parsed ones)."""
+    setting = model_args.quant_setting()  # checked once, before any work
     if model_args.output_model_filename is None:
-        bits = (model_args.w_bits, model_args.a_bits, model_args.kv_bits) if model_args.qat else (32, 32, 32)
-        model_args.output_model_filename = "W{}A{}KV{}".format(*bits)
-    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+        model_args.output_model_filename = setting.name
+    if not explicit_output_dir:
         # one checkpoint folder per run name, so a resumed run never picks up another setting's checkpoint
         training_args.output_dir = os.path.join(model_args.local_dir, "checkpoints", model_args.output_model_filename)
     if training_args.logging_dir is None:

@@ -27,8 +27,9 @@ import torch
 
 from utils.data import read_texts, write_texts
 from utils.errors import InputError
-from utils.evaluate import evaluate, parse_args as eval_args, write_json
-from utils.process_args import EMBEDDED_EVAL, EMBEDDED_MODEL, REPO
+from models.quant_model import QuantSetting
+from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, REPO
+from utils.evaluate import evaluate, write_json
 
 BITS = ("4-8-4", "4-8-8", "4-16-16", "8-8-4", "8-8-8")
 DATA = REPO / "assets" / "data"
@@ -107,22 +108,17 @@ def slug(method, bits):
 def generated_text(mode, s, work, profile=TINY):
     """Generate this mode's sequences (greedy prefix lengths per start id), shuffled into one training file
     (resumable: the shard completes, then the merge)."""
-    from utils.generate import generate_shard, parse_args as gen_args
-    from utils.merge import merge_shards, parse_args as merge_args
+    from utils.generate import generate_shard
+    from utils.merge import merge_shards
     out = os.path.join(work, f"gen_{mode}.jsonl")
     if not os.path.exists(out):
         ids = range(*s["start_ids"] if mode == "hybrid" or "ablation_ids" not in s else s["ablation_ids"])
         gen_dir = os.path.join(work, f"gen_{mode}")
-        prefixes = [str(j or s["gen_length"]) for j in profile.generation[mode]]
-        argv = ["0", "--model", profile.model, "--out_dir", gen_dir, "--max_length", str(s["gen_length"]),
-                "--prefix_lengths", *prefixes]
-        argv += ["--dtype", profile.gen_dtype]
-        if ids.step == 1:  # shard first // n of n-id shards is exactly ids [first, last)
-            argv[0] = str(ids.start // len(ids))
-            generate_shard(gen_args(argv + ["--n_vocab", str(len(ids))]))
-        else:
-            generate_shard(gen_args(argv), ids=ids)
-        merge_shards(merge_args(["--gen_dir", gen_dir, "--out", out, "--shuffle", "--seed", "0"]))
+        prefixes = [j or s["gen_length"] for j in profile.generation[mode]]
+        # the shard's file number is that of the original's n_vocab slicing (an earlier work dir resumes)
+        shard = ids.start // len(ids) if ids.step == 1 else 0
+        generate_shard(profile.model, ids, gen_dir, shard, prefixes, s["gen_length"], dtype=profile.gen_dtype)
+        merge_shards(gen_dir, out, shuffle=True, seed=0)
     return out
 
 
@@ -139,26 +135,27 @@ def real_text(work):
 def train(method, bits, data, s, work, profile=TINY, lr=None):
     """LLM-QAT training through train.py's own code path; returns the student's directory and seconds.
     With save_steps, Trainer checkpoints go to <work>/checkpoints/<row> and a rerun resumes from the last one."""
-    from utils.process_args import process_args
+    from utils.process_args import DataArguments, ModelArguments, TrainingArguments, complete_args
     from utils.train_qat import run
     name = slug(method, bits) + ("" if lr is None else f"_lr{lr:g}")
     model_dir = os.path.join(work, "models", name)
     if os.path.isdir(model_dir):
         return model_dir, None
-    w, a, kv = bits.split("-")
-    device = [] if torch.cuda.is_available() else ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
-    save = ["--save_strategy", "no"]
+    setting = QuantSetting.parse(bits)
+    saving = dict(save_strategy="no")
     if s.get("save_steps"):
-        save = ["--save_strategy", "steps", "--save_steps", str(s["save_steps"]), "--save_total_limit", "1"]
+        saving = dict(save_strategy="steps", save_steps=s["save_steps"], save_total_limit=1)
     start = time.time()
-    run(*process_args([
-        "--input_model_filename", profile.model, "--train_data_local_path", data, "--local_dir", work,
-        "--output_model_filename", name, "--do_train", "True", "--do_eval", "False",
-        "--qat", "True", "--w_bits", w, "--a_bits", a, "--kv_bits", kv, "--use_kd", "True", "--kd_loss_scale", "1.0",
-        "--model_max_length", "256", "--per_device_train_batch_size", "4", "--max_train_samples", str(s["blocks"]),
-        "--num_train_epochs", str(s["epochs"]), "--learning_rate", str(lr or s["lr"]), "--lr_scheduler_type", "cosine",
-        "--warmup_steps", "0", "--weight_decay", "0", "--seed", "0", "--logging_steps", "10", *save,
-        "--report_to", "none", "--bf16", str(profile.train_bf16), "--log_level", "warning", *device]))
+    run(*complete_args(
+        ModelArguments(input_model_filename=profile.model, output_model_filename=name, local_dir=work, qat=True,
+                       w_bits=setting.w_bits, a_bits=setting.a_bits, kv_bits=setting.kv_bits, use_kd=True,
+                       kd_loss_scale=1.0),
+        DataArguments(train_data_local_path=data, max_train_samples=s["blocks"]),
+        TrainingArguments(do_train=True, do_eval=False, model_max_length=256, per_device_train_batch_size=4,
+                          num_train_epochs=s["epochs"], learning_rate=lr or s["lr"], lr_scheduler_type="cosine",
+                          warmup_steps=0, weight_decay=0.0, seed=0, logging_steps=10, report_to="none",
+                          bf16=profile.train_bf16, log_level="warning", **saving,
+                          **({} if torch.cuda.is_available() else dict(use_cpu=True, dataloader_pin_memory=False)))))
     shutil.rmtree(os.path.join(work, "checkpoints", name), ignore_errors=True)  # the student is saved: free the disk
     return model_dir, time.time() - start
 
@@ -167,15 +164,12 @@ def row_path(method, bits, work):
     return os.path.join(work, "rows", slug(method, bits) + ".json")
 
 
-def evaluate_row(model, rtn, s, profile, texts=None):
-    """eval.py on a model: perplexity on each text, zero-shot TASK."""
-    texts = texts or profile.ppl_texts
-    argv = [model, *rtn, "--ppl_data", *texts.values(), "--seq_len", "256", "--tasks", TASK, "--batch_size", "8"]
-    if profile is not TINY:
-        argv += ["--dtype", profile.eval_dtype]
-    argv += ["--max_windows", str(s["eval_windows"])] if s["eval_windows"] else []
-    argv += ["--limit", str(s["limit"])] if s["limit"] else []
-    return evaluate(eval_args(argv))
+def evaluate_row(model, s, profile, setting=None, baseline=None, calib_data=None):
+    """eval.py's evaluate() on a model: perplexity on each text, zero-shot TASK."""
+    return evaluate(model, setting, baseline, alpha=0.5 if baseline == "SmoothQuant" else None,
+                    ppl_data=list(profile.ppl_texts.values()), seq_len=256, tasks=TASK, batch_size=8,
+                    dtype="auto" if profile is TINY else profile.eval_dtype, max_windows=s["eval_windows"] or None,
+                    limit=s["limit"] or None, calib_data=calib_data)
 
 
 def saved_row(method, bits, work, keep_dir=None):
@@ -194,17 +188,14 @@ def row_result(method, bits, data, s, work, profile=TINY, keep_dir=None):
     path = row_path(method, bits, work)
     kept = None if keep_dir is None else os.path.join(keep_dir, os.path.basename(path))
     train_seconds = None
-    if data in (None, "calib"):
-        model, (w, a, kv) = profile.model, bits.split("-")
-        rtn = [] if method == "FP" else ["--w_bits", w, "--a_bits", a, "--kv_bits", kv]
-        if data == "calib":  # data-free baselines: calibrated on the same generated text LLM-QAT trains on
-            rtn += ["--smoothquant", "0.5"] if method == "SmoothQuant" else ["--gptq"]
-            rtn += ["--calib_data", generated_text("hybrid", s, work, profile)]
+    if data in (None, "calib"):  # the training-free rows; calibrated on the generated text LLM-QAT trains on
+        setting = None if method == "FP" else QuantSetting.parse(bits)
+        calib = [generated_text("hybrid", s, work, profile)] if data == "calib" else None
+        r = evaluate_row(profile.model, s, profile, setting, None if method == "FP" else method, calib)
     else:
         source = real_text(work) if data == "real" else generated_text(data, s, work, profile)
         model, train_seconds = train(method, bits, source, s, work, profile, s.get("chosen_lr"))
-        rtn = []
-    r = evaluate_row(model, rtn, s, profile)
+        r = evaluate_row(model, s, profile)
     first = next(iter(profile.ppl_texts))
     ppl, task = r["ppl"][first], r["tasks"][TASK]
     row = {"method": method, "bits": bits, "ppl": round(ppl["ppl"], 4), "acc": round(task["acc"], 4),
@@ -234,9 +225,8 @@ def choose_lr(s, work, profile, keep_dir):
     tried = {}
     for lr in s["lr_candidates"]:
         model, _ = train("tune_LLM-QAT", "4-8-4", data, tune, work, profile, lr)
-        r = evaluate(eval_args([model, "--ppl_data", str(DATA / "milton_valid.jsonl"), "--seq_len", "256",
-                                "--dtype", profile.eval_dtype]
-                               + (["--max_windows", str(s["eval_windows"])] if s["eval_windows"] else [])))
+        r = evaluate(model, ppl_data=[str(DATA / "milton_valid.jsonl")], seq_len=256, dtype=profile.eval_dtype,
+                     max_windows=s["eval_windows"] or None)
         tried[f"{lr:g}"] = round(r["ppl"]["milton_valid"]["ppl"], 4)
         print(f"lr {lr:g}: milton_valid ppl {tried[f'{lr:g}']} after {s['tune_blocks']} blocks", flush=True)
     choice = {"tried": tried, "blocks": s["tune_blocks"], "lr": float(min(tried, key=tried.get)),

@@ -10,10 +10,11 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
-from models.quant_model import check_bits, load_model, quantize_model
+from models.quant_model import load_model
 from utils.data import load_blocks
 from utils.errors import InputError
 from utils.fsdp import weights_from_rank0
+from utils.io import atomic_write, commit_dir
 from utils.kd_trainer import KDTrainer
 from utils.model_zoo import resolve_model
 
@@ -30,11 +31,7 @@ def setup_logging(training_args):
 
 def check_inputs(model_args, training_args, final_dir):
     """Fail before any work: bad bits, missing model, or a saved model that would be overwritten."""
-    if model_args.qat:
-        try:
-            check_bits(model_args.w_bits, model_args.a_bits, model_args.kv_bits)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+    model_args.quant_setting()
     if not os.path.isfile(os.path.join(model_args.input_model_filename, "config.json")):
         raise InputError(f"--input_model_filename {model_args.input_model_filename!r}: "
                          "not a local Hugging Face model directory (no config.json)")
@@ -76,7 +73,7 @@ def run(model_args, data_args, training_args, callbacks=None):
                        training_args.process_index)
     student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty)
     if model_args.qat:
-        quantize_model(student, model_args.w_bits, model_args.a_bits, model_args.kv_bits, model_args.kv_post_rope)
+        model_args.quant_setting().apply(student)
     teacher = None
     if model_args.use_kd and training_args.do_train:
         teacher = load_model(path, dtype=compute_dtype, empty=empty and model_args.shard_teacher)
@@ -102,7 +99,7 @@ def run(model_args, data_args, training_args, callbacks=None):
         metrics["eval_blocks"], metrics["eval_block_len"] = len(eval_data), eval_len
         trainer.log_metrics("eval", metrics)
         if trainer.is_world_process_zero() and os.path.isdir(final_dir):
-            with open(os.path.join(final_dir, "eval_results.json"), "w") as f:
+            with atomic_write(os.path.join(final_dir, "eval_results.json")) as f:
                 json.dump(metrics, f, indent=2)
         logger.info("perplexity %.4f on %s (%d blocks of %d tokens)", metrics["perplexity"],
                     data_args.eval_data_local_path, len(eval_data), eval_len)
@@ -145,16 +142,18 @@ def drop_tied_copy(model_dir, config):
 
 
 def save_student(trainer, tokenizer, final_dir):
-    """Save the student (safetensors, config with w/a/kv bits, tokenizer) atomically: temp dir, then rename."""
-    tmp_dir = final_dir + ".tmp"
+    """Save the student (safetensors, config with w/a/kv bits, tokenizer) atomically: every rank takes part in
+    the save into one hidden temporary directory (the same name on all ranks), rank 0 commits it by a rename."""
+    parent, name = os.path.split(os.path.abspath(final_dir))
+    tmp_dir = os.path.join(parent, f".{name}.tmp-save")
     if trainer.is_world_process_zero() and os.path.exists(tmp_dir):
-        shutil.rmtree(tmp_dir)
+        shutil.rmtree(tmp_dir)  # left by a run killed while saving
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # the Trainer turned it off
     trainer.save_model(tmp_dir)  # every rank takes part: FSDP gathers the full state dict
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp_dir)
         drop_tied_copy(tmp_dir, trainer.accelerator.unwrap_model(trainer.model).config)
-        os.replace(tmp_dir, final_dir)
+        commit_dir(tmp_dir, final_dir)
         logger.info("saved the student to %s", final_dir)
     trainer.accelerator.wait_for_everyone()

@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from models.quant_model import load_model  # noqa: E402
 from utils.fsdp import local_param_numel, promote_to_fsdp, shard_frozen  # noqa: E402
-from utils.process_args import EMBEDDED_MODEL  # noqa: E402
+from utils.constants import EMBEDDED_MODEL  # noqa: E402
 
 
 def model_dirs(scratch):

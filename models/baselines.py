@@ -1,0 +1,52 @@
+"""The training-free baselines of the table, chosen here by name: each quantizes an FP model to a QuantSetting.
+
+    RTN          the fake quantizers alone (round to nearest on LLM-QAT's grids)
+    SmoothQuant  activation outliers migrated into the weights (alpha), then RTN        (models/smoothquant.py)
+    GPTQ         weights rounded with second-order error compensation on the same grid,
+                 activations and KV cache as RTN                                        (models/gptq.py)
+SmoothQuant and GPTQ are calibrated on token windows [n, seq_len]."""
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from models.errors import InputError
+from models.gptq import gptq_model
+from models.smoothquant import activation_absmax, smooth
+
+
+def rtn(model, setting, windows=None, alpha=None):
+    return setting.apply(model)
+
+
+def smoothquant(model, setting, windows, alpha=0.5):
+    smooth(model, activation_absmax(model, windows), alpha)
+    return setting.apply(model)
+
+
+def gptq(model, setting, windows, alpha=None):
+    gptq_model(model, windows, setting.w_bits)
+    return replace(setting, w_bits=32).apply(model)  # the weights are on their grid already
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    quantize: Callable  # (model, setting, windows, alpha) -> the quantized model, in place
+    calibrated: bool = False
+    uses_alpha: bool = False
+
+    def check(self, setting, alpha=None):
+        """One clear error for a setting or alpha this baseline does not take."""
+        if self.uses_alpha and not (alpha is not None and 0 < alpha <= 1):
+            raise InputError(f"--smoothquant {alpha}: the migration strength alpha must be in (0, 1] (paper: 0.5)")
+        if self.name == "GPTQ" and setting.w_bits not in range(3, 9):
+            raise InputError(f"--gptq needs --w_bits 3-8 (the symmetric per-channel grid), not {setting.w_bits}")
+
+
+BASELINES = {b.name: b for b in (Baseline("RTN", rtn), Baseline("SmoothQuant", smoothquant, True, True),
+                                 Baseline("GPTQ", gptq, True))}
+
+
+def baseline(name):
+    if name not in BASELINES:
+        raise InputError(f"baseline {name!r}: use one of {', '.join(BASELINES)}")
+    return BASELINES[name]

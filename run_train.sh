@@ -31,10 +31,10 @@ EVAL="--do_eval True --eval_data_local_path $EVAL_DATA"
 [ -e "$EVAL_DATA" ] || { EVAL=""; echo "note: no eval data $EVAL_DATA: skipping perplexity (set EVAL_DATA)"; }
 
 # The bits are checked by QuantSetting (one rule, one message); then the devices and whether bf16 pays.
-CHECK=$($PYTHON -c "import sys, torch; from transformers import AutoConfig; from models.dtypes import bf16_pays
-from models.quant_model import QuantSetting; from utils.errors import cli
+CHECK=$($PYTHON -c "import sys, torch; from models.dtypes import bf16_pays
+from models.quant_model import QuantSetting, read_config; from utils.errors import cli
 cli(lambda: QuantSetting.of(*sys.argv[1:4]))
-print(torch.cuda.device_count(), int(bf16_pays(AutoConfig.from_pretrained(sys.argv[4]))))" "$W" "$A" "$KV" "$MODEL") || exit 1
+print(torch.cuda.device_count(), int(bf16_pays(cli(lambda: read_config(sys.argv[4])))))" "$W" "$A" "$KV" "$MODEL") || exit 1
 read -r NGPU BF16 <<EOT
 $CHECK
 EOT

@@ -141,13 +141,14 @@ def _allocate_parameters(model):
 
 
 def read_config(path):
-    """A model directory's config, or one clear error."""
+    """A model directory's config, or one clear error (no config.json, or one that does not parse)."""
     try:
         return AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise InputError(f"model {str(path)!r}: not a local Hugging Face model directory (no config.json)") from e
-    except ValueError as e:  # unparsable JSON, unknown model_type
-        raise InputError(f"model {str(path)!r}: cannot read its config.json ({e})") from None
+    except (OSError, ValueError) as e:  # transformers reports unparsable JSON as an OSError
+        if not (Path(path) / "config.json").is_file():
+            raise InputError(f"model {str(path)!r}: not a local Hugging Face model directory (no config.json)") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"model {str(path)!r}: cannot read its config.json ({reason})") from None
 
 
 def load_model(path, dtype=torch.float32, empty=False, **kwargs):

@@ -5,10 +5,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import sentencepiece as spm
@@ -157,18 +155,11 @@ def test_max_length_is_capped_to_the_model_context(tiny_model, tmp_path, caplog)
 
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_shard(tiny_model, full_run, tmp_path):
     shard = tmp_path / "gen.chunk.01.jsonl"
-    proc = subprocess.Popen([sys.executable, "generate_data.py", *shard_args(tiny_model, tmp_path)], cwd=REPO,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not shard.exists() or shard.read_bytes().count(b"\n") < 30:  # poll for progress, then kill
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        try:
-            proc.wait(timeout=0.01)
-        except subprocess.TimeoutExpired:
-            pass
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert shard.read_bytes().count(b"\n") < len(EXPECTED)  # really interrupted
+    kill_at = os.path.join(REPO, "tests", "workers", "kill_at.py")  # SIGKILL before the 31st sequence is written
+    proc = subprocess.run([sys.executable, kill_at, "append:31", "generate_data.py", *shard_args(tiny_model, tmp_path)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert shard.read_bytes().count(b"\n") == 30 < len(EXPECTED)  # really interrupted, mid-run
     generate_data.main(shard_args(tiny_model, tmp_path))
     assert records(shard) == records(full_run)  # same set, and even the same texts
 
@@ -226,7 +217,7 @@ def test_missing_model_exits_1_with_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "generate_data.py", "0", "--model", str(tmp_path / "nope"), "--out_dir",
                            str(tmp_path / "out")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"error: --model {str(tmp_path / 'nope')!r}: not a local Hugging Face model " \
+    assert proc.stderr.strip() == f"error: model {str(tmp_path / 'nope')!r}: not a local Hugging Face model " \
                                   "directory (no config.json)"
     assert not (tmp_path / "out").exists()
 

@@ -124,7 +124,9 @@ def parse_args(argv=None):
 
 
 def default_ppl_data(model_path):
-    if os.path.realpath(model_path) == os.path.realpath(EMBEDDED_MODEL):
+    base = getattr(read_config(model_path), "llmqat_teacher", model_path)  # a student: the model it came from
+    if os.path.realpath(model_path) == os.path.realpath(EMBEDDED_MODEL) or (
+            os.path.realpath(base) == os.path.realpath(EMBEDDED_MODEL)):
         return [EMBEDDED_EVAL]
     if os.path.isfile("wiki2.jsonl"):
         return ["wiki2.jsonl"]

@@ -23,9 +23,10 @@ import time
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.dtypes import DTYPES, resolve_dtype
+from models.quant_model import read_config
 from utils.constants import EMBEDDED_MODEL
 from utils.decode import Sampling, generate_batch
 from utils.errors import InputError
@@ -149,7 +150,7 @@ def eos_token_ids(model):
 def load_generator(path, dtype="auto"):
     """The model on the GPU if there is one; dtype "auto": bfloat16 where it pays (models.quant_model.bf16_pays)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[resolve_dtype(dtype, AutoConfig.from_pretrained(path))]
+    dtype = DTYPES[resolve_dtype(dtype, read_config(path))]
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
@@ -179,9 +180,7 @@ def vocab_of(config, tokenizer):
 
 
 def load_config_and_tokenizer(model):
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        raise InputError(f"--model {model!r}: not a local Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(model)
+    config = read_config(model)
     try:
         return config, AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
@@ -192,6 +191,8 @@ def generate_shard(model, start_ids, out_dir="gen_data", shard=0, prefix_lengths
                    batch_size=None, seed=0, dtype="auto"):
     """Write shard `shard` of out_dir: one sequence per (start id, prefix length), start_ids a range (any step);
     or complete an interrupted one. Returns the shard's path."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"--out_dir {out_dir!r} is a file, not a directory")
     model = resolve_model(model)
     config, tokenizer = load_config_and_tokenizer(model)
     prefix_lengths = list(prefix_lengths)

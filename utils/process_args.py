@@ -2,11 +2,13 @@
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import transformers
 
 from models.quant_model import QuantSetting
+from utils.errors import InputError
 from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
 
 
@@ -56,7 +58,8 @@ class TrainingArguments(transformers.TrainingArguments):
                                 "<local_dir>/checkpoints/<output_model_filename>)"})
     model_max_length: int = field(default=2048, metadata={"help": "Training block length in tokens (capped at the "
                                                                    "model's max_position_embeddings)"})
-    logging_dir: str = field(default=None, metadata={"help": "TensorBoard events (default: <local_dir>/runs/current)"})
+    logging_dir: str = field(default=None, metadata={"help": "TensorBoard events (default: "
+                                                             "<local_dir>/runs/<output_model_filename>/<start time>)"})
     fsdp_transformer_layer_cls_to_wrap: str = field(
         default=None, metadata={"help": "Decoder layer class FSDP wraps (default: the model's own, e.g. LlamaDecoderLayer)"})
     # The paper's recipe as defaults (reference section 3); every other TrainingArguments flag works too.
@@ -101,6 +104,7 @@ def process_args(argv=None):
     """train.py's command line -> (model_args, data_args, training_args), checked and completed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.error = lambda message: sys.exit(f"error: {message} (python train.py --help lists every flag)")
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     explicit_output_dir = any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv)
     return complete_args(model_args, data_args, training_args, explicit_output_dir)
@@ -110,12 +114,17 @@ def complete_args(model_args, data_args, training_args, explicit_output_dir=Fals
     """Check the setting once and fill in the names and directories that follow from it (for arguments
     built in Python as for parsed ones)."""
     setting = model_args.quant_setting()  # checked once, before any work
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise InputError(f"--max_steps {training_args.max_steps}: use >= 1, or -1 (the default: "
+                         "--num_train_epochs decides)")
     if model_args.output_model_filename is None:
         model_args.output_model_filename = setting.name
     if not explicit_output_dir:
         # one checkpoint folder per run name, so a resumed run never picks up another setting's checkpoint
         training_args.output_dir = os.path.join(model_args.local_dir, "checkpoints", model_args.output_model_filename)
     if training_args.logging_dir is None:
-        training_args.logging_dir = os.path.join(model_args.local_dir, "runs", "current")
+        # one TensorBoard run per training run: <local_dir>/runs/<name>/<start time>
+        training_args.logging_dir = os.path.join(model_args.local_dir, "runs", model_args.output_model_filename,
+                                                 time.strftime("%Y%m%d-%H%M%S"))
     os.environ["TENSORBOARD_LOGGING_DIR"] = training_args.logging_dir  # transformers 5 dropped --logging_dir
     return model_args, data_args, training_args

@@ -1,4 +1,5 @@
 """LLM-QAT training: FP teacher -> fake-quantized student, distilled on the training blocks."""
+import hashlib
 import json
 import logging
 import math
@@ -7,10 +8,10 @@ import shutil
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
-from models.quant_model import load_model
+from models.quant_model import load_model, read_config
 from utils.data import load_blocks
 from utils.errors import InputError
 from utils.fsdp import weights_from_rank0
@@ -41,6 +42,8 @@ def check_inputs(model_args, training_args, final_dir):
 
 def block_sizes(model_max_length, config):
     """Training blocks of model_max_length, capped by the model's context; eval blocks of at most 1024."""
+    if model_max_length < 2:
+        raise InputError(f"--model_max_length {model_max_length}: must be >= 2 (tokens per training block)")
     limit = getattr(config, "max_position_embeddings", model_max_length)
     train = min(model_max_length, limit)
     if train < model_max_length:
@@ -54,7 +57,7 @@ def run(model_args, data_args, training_args, callbacks=None):
     final_dir = os.path.join(model_args.local_dir, "models", model_args.output_model_filename)
     check_inputs(model_args, training_args, final_dir)
     path = model_args.input_model_filename
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_len, eval_len = block_sizes(training_args.model_max_length, config)
     train_data = eval_data = None
@@ -82,13 +85,12 @@ def run(model_args, data_args, training_args, callbacks=None):
     trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale,
                         shard_teacher=model_args.shard_teacher, args=training_args,
                         train_dataset=train_data, eval_dataset=eval_data, callbacks=callbacks)
+    trainer.llmqat_teacher_path = os.path.abspath(path)
 
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        if resume is None and os.path.isdir(training_args.output_dir):
-            resume = last_complete_checkpoint(training_args.output_dir)
-            if resume:
-                logger.info("resuming from %s", resume)
+        identity = run_identity(model_args, data_args, training_args, train_data)
+        with training_args.main_process_first(desc="choosing the checkpoint to resume"):
+            resume = choose_resume(training_args, identity)  # rank 0 first: every rank then sees the same files
         result = trainer.train(resume_from_checkpoint=resume)
         trainer.log_metrics("train", result.metrics)
         save_student(trainer, tokenizer, final_dir)
@@ -98,12 +100,60 @@ def run(model_args, data_args, training_args, callbacks=None):
         metrics["perplexity"] = math.exp(metrics["eval_loss"])
         metrics["eval_blocks"], metrics["eval_block_len"] = len(eval_data), eval_len
         trainer.log_metrics("eval", metrics)
-        if trainer.is_world_process_zero() and os.path.isdir(final_dir):
-            with atomic_write(os.path.join(final_dir, "eval_results.json")) as f:
+        # beside the student this run trained; an evaluation alone (--do_train False) never overwrites a trained
+        # model's results: it writes into its own output_dir
+        where = final_dir if training_args.do_train else training_args.output_dir
+        if trainer.is_world_process_zero():
+            with atomic_write(os.path.join(where, "eval_results.json")) as f:
                 json.dump(metrics, f, indent=2)
         logger.info("perplexity %.4f on %s (%d blocks of %d tokens)", metrics["perplexity"],
                     data_args.eval_data_local_path, len(eval_data), eval_len)
     return trainer
+
+
+RUN_FILE = "llmqat_run.json"  # in output_dir: the identity of the run its checkpoints belong to
+
+
+def run_identity(model_args, data_args, training_args, train_data):
+    """What makes a run this run: the model, the training blocks, the setting and the recipe. A checkpoint is
+    resumed only by a run of the same identity."""
+    a = training_args
+    return {"model": os.path.abspath(model_args.input_model_filename), "qat": model_args.qat,
+            "setting": model_args.quant_setting().name + ("-post-rope" if model_args.kv_post_rope else ""),
+            "use_kd": model_args.use_kd, "kd_loss_scale": model_args.kd_loss_scale, "load_dtype": model_args.load_dtype,
+            "train_blocks": [len(train_data), train_data.blocks.shape[1],
+                             hashlib.sha256(train_data.blocks.numpy().tobytes()).hexdigest()[:16]],
+            "shuffle": data_args.shuffle, "seed": a.seed, "learning_rate": a.learning_rate,
+            "lr_scheduler_type": str(a.lr_scheduler_type), "warmup_steps": a.warmup_steps,
+            "weight_decay": a.weight_decay, "num_train_epochs": a.num_train_epochs, "max_steps": a.max_steps,
+            "global_batch": a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
+            "optim": str(a.optim), "bf16": a.bf16}
+
+
+def choose_resume(training_args, identity):
+    """The checkpoint to resume: --resume_from_checkpoint, else the newest complete one in output_dir if it was
+    written by a run of this identity (a different run's is refused with one line); None: start fresh and
+    record this run's identity."""
+    out = training_args.output_dir
+    record = os.path.join(out, RUN_FILE)
+    resume = training_args.resume_from_checkpoint
+    if resume is None and os.path.isdir(out):
+        resume = last_complete_checkpoint(out)
+        if resume:
+            old = None
+            if os.path.isfile(record):
+                with open(record, encoding="utf-8") as f:
+                    old = json.load(f)
+            if old != identity:
+                diff = sorted(k for k in identity if old is None or old.get(k) != identity[k])
+                what = "an unrecorded run" if old is None else f"another run ({', '.join(diff)} differ)"
+                raise InputError(f"{resume} was written by {what}; not resuming it. Start fresh: remove {out}, or "
+                                 "pass another --output_model_filename / --output_dir")
+            logger.info("resuming from %s", resume)
+    if not resume and training_args.process_index == 0:
+        with atomic_write(record) as f:
+            json.dump(identity, f, indent=1)
+    return resume
 
 
 def last_complete_checkpoint(output_dir):
@@ -149,7 +199,9 @@ def save_student(trainer, tokenizer, final_dir):
     if trainer.is_world_process_zero() and os.path.exists(tmp_dir):
         shutil.rmtree(tmp_dir)  # left by a run killed while saving
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True  # the Trainer turned it off
+    config = trainer.accelerator.unwrap_model(trainer.model).config
+    config.use_cache = True  # the Trainer turned it off
+    config.llmqat_teacher = trainer.llmqat_teacher_path  # where the student came from (eval.py's default text)
     trainer.save_model(tmp_dir)  # every rank takes part: FSDP gathers the full state dict
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp_dir)

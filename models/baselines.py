@@ -33,17 +33,19 @@ class Baseline:
     quantize: Callable  # (model, setting, windows, alpha) -> the quantized model, in place
     calibrated: bool = False
     uses_alpha: bool = False
+    w_bits: range = None  # the weight widths it can round to (None: every width a QuantSetting allows)
 
     def check(self, setting, alpha=None):
         """One clear error for a setting or alpha this baseline does not take."""
         if self.uses_alpha and not (alpha is not None and 0 < alpha <= 1):
             raise InputError(f"--smoothquant {alpha}: the migration strength alpha must be in (0, 1] (paper: 0.5)")
-        if self.name == "GPTQ" and setting.w_bits not in range(3, 9):
-            raise InputError(f"--gptq needs --w_bits 3-8 (the symmetric per-channel grid), not {setting.w_bits}")
+        if self.w_bits is not None and setting.w_bits not in self.w_bits:
+            raise InputError(f"--{self.name.lower()} needs --w_bits {self.w_bits.start}-{self.w_bits.stop - 1} "
+                             f"(the symmetric per-channel grid), not {setting.w_bits}")
 
 
 BASELINES = {b.name: b for b in (Baseline("RTN", rtn), Baseline("SmoothQuant", smoothquant, True, True),
-                                 Baseline("GPTQ", gptq, True))}
+                                 Baseline("GPTQ", gptq, True, w_bits=range(3, 9)))}
 
 
 def baseline(name):

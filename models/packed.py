@@ -8,7 +8,7 @@ meaning w = (codes - zero_point) * weight_scale: models.utils_quant.WeightGrid, 
 import torch
 
 from models.packing import pack, packed_words, unpack
-from models.utils_quant import QuantizeLinear, WeightGrid, dequantize, weight_grid, zero_point
+from models.utils_quant import QuantizeLinear, WeightGrid, dequantize, weight_grid
 
 
 class PackedQuantizeLinear(QuantizeLinear):
@@ -36,7 +36,7 @@ class PackedQuantizeLinear(QuantizeLinear):
 
     def grid(self):
         codes = unpack(self.weight_packed, self.w_bits, self.in_features)
-        return WeightGrid(codes, self.weight_scale, zero_point(self.w_bits), self.w_bits)
+        return WeightGrid(codes, self.weight_scale, self.w_bits)
 
     def dequantized_weight(self):
         """The fp32 weight on the paper's grid (at >= 3 bits, the QAT model's fake-quant weight bit for bit)."""

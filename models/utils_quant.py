@@ -70,8 +70,11 @@ class WeightGrid:
     zero point -0.5, levels -+mean|w| (no zero level: the fake quantizer's sign(0) = 0 is not a code)."""
     codes: torch.Tensor
     scale: torch.Tensor
-    zero_point: float
     bits: int
+
+    @property
+    def zero_point(self):
+        return zero_point(self.bits)
 
 
 def zero_point(bits):
@@ -91,13 +94,13 @@ def weight_grid(weight, bits, layerwise=False):
 
     if bits >= 3:
         s = sym_scale(reduce(w.abs(), torch.amax), bits)
-        return WeightGrid(torch.round(w * s).to(torch.int8), 1 / (s + EPS).double(), zero_point(bits), bits)
+        return WeightGrid(torch.round(w * s).to(torch.int8), 1 / (s + EPS).double(), bits)
     mean_abs = reduce(w.abs(), torch.mean)
     if bits == 2:
         a = 2 * mean_abs
         codes = torch.round(torch.clamp(w / a, -0.99, 0.99) * 2 - 0.5)
-        return WeightGrid(codes.to(torch.int8), (a / 2).double(), zero_point(bits), bits)
-    return WeightGrid(-(w < 0).to(torch.int8), (2 * mean_abs).double(), zero_point(bits), bits)
+        return WeightGrid(codes.to(torch.int8), (a / 2).double(), bits)
+    return WeightGrid(-(w < 0).to(torch.int8), (2 * mean_abs).double(), bits)
 
 
 def dequantize(grid):

@@ -31,13 +31,15 @@ def setup_logging(training_args):
 
 
 def check_inputs(model_args, training_args, final_dir):
-    """Fail before any work: bad bits, missing model, or a saved model that would be overwritten."""
-    model_args.quant_setting()
+    """Fail before any work: bad bits, missing model, or a saved model that would be overwritten. Returns the
+    student's QuantSetting."""
+    setting = model_args.quant_setting()
     if not os.path.isfile(os.path.join(model_args.input_model_filename, "config.json")):
         raise InputError(f"--input_model_filename {model_args.input_model_filename!r}: "
                          "not a local Hugging Face model directory (no config.json)")
     if training_args.do_train and os.path.exists(final_dir):
         raise InputError(f"{final_dir} exists; remove it or pass another --output_model_filename")
+    return setting
 
 
 def block_sizes(model_max_length, config):
@@ -55,7 +57,7 @@ def run(model_args, data_args, training_args, callbacks=None):
     setup_logging(training_args)
     model_args.input_model_filename = resolve_model(model_args.input_model_filename)
     final_dir = os.path.join(model_args.local_dir, "models", model_args.output_model_filename)
-    check_inputs(model_args, training_args, final_dir)
+    setting = check_inputs(model_args, training_args, final_dir)
     path = model_args.input_model_filename
     config = read_config(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -76,7 +78,7 @@ def run(model_args, data_args, training_args, callbacks=None):
                        training_args.process_index)
     student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty)
     if model_args.qat:
-        model_args.quant_setting().apply(student)
+        setting.apply(student)
     teacher = None
     if model_args.use_kd and training_args.do_train:
         teacher = load_model(path, dtype=compute_dtype, empty=empty and model_args.shard_teacher)
@@ -85,15 +87,14 @@ def run(model_args, data_args, training_args, callbacks=None):
     trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale,
                         shard_teacher=model_args.shard_teacher, args=training_args,
                         train_dataset=train_data, eval_dataset=eval_data, callbacks=callbacks)
-    trainer.llmqat_teacher_path = os.path.abspath(path)
 
     if training_args.do_train:
-        identity = run_identity(model_args, data_args, training_args, train_data)
+        identity = run_identity(setting, model_args, data_args, training_args, train_data)
         with training_args.main_process_first(desc="choosing the checkpoint to resume"):
             resume = choose_resume(training_args, identity)  # rank 0 first: every rank then sees the same files
         result = trainer.train(resume_from_checkpoint=resume)
         trainer.log_metrics("train", result.metrics)
-        save_student(trainer, tokenizer, final_dir)
+        save_student(trainer, tokenizer, final_dir, teacher=path)
 
     if training_args.do_eval:
         metrics = trainer.evaluate()
@@ -114,12 +115,12 @@ def run(model_args, data_args, training_args, callbacks=None):
 RUN_FILE = "llmqat_run.json"  # in output_dir: the identity of the run its checkpoints belong to
 
 
-def run_identity(model_args, data_args, training_args, train_data):
+def run_identity(setting, model_args, data_args, training_args, train_data):
     """What makes a run this run: the model, the training blocks, the setting and the recipe. A checkpoint is
     resumed only by a run of the same identity."""
     a = training_args
     return {"model": os.path.abspath(model_args.input_model_filename), "qat": model_args.qat,
-            "setting": model_args.quant_setting().name + ("-post-rope" if model_args.kv_post_rope else ""),
+            "setting": setting.name + ("-post-rope" if setting.kv_post_rope else ""),
             "use_kd": model_args.use_kd, "kd_loss_scale": model_args.kd_loss_scale, "load_dtype": model_args.load_dtype,
             "train_blocks": [len(train_data), train_data.blocks.shape[1],
                              hashlib.sha256(train_data.blocks.numpy().tobytes()).hexdigest()[:16]],
@@ -191,7 +192,7 @@ def drop_tied_copy(model_dir, config):
         save_file(tensors, path, metadata=metadata)
 
 
-def save_student(trainer, tokenizer, final_dir):
+def save_student(trainer, tokenizer, final_dir, teacher):
     """Save the student (safetensors, config with w/a/kv bits, tokenizer) atomically: every rank takes part in
     the save into one hidden temporary directory (the same name on all ranks), rank 0 commits it by a rename."""
     parent, name = os.path.split(os.path.abspath(final_dir))
@@ -201,7 +202,7 @@ def save_student(trainer, tokenizer, final_dir):
     trainer.accelerator.wait_for_everyone()
     config = trainer.accelerator.unwrap_model(trainer.model).config
     config.use_cache = True  # the Trainer turned it off
-    config.llmqat_teacher = trainer.llmqat_teacher_path  # where the student came from (eval.py's default text)
+    config.llmqat_teacher = os.path.abspath(teacher)  # where the student came from (eval.py's default text)
     trainer.save_model(tmp_dir)  # every rank takes part: FSDP gathers the full state dict
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp_dir)

@@ -5,7 +5,8 @@ spread over the columns not yet rounded through the inverse Hessian of its input
 calibration tokens (blocks of 128 columns, damping 1% of mean(diag H)). The grid is exactly RTN's: per
 row s = (2^(b-1) - 1) / (max|w_row| + 1e-6) from the original weights, q = round(w s) / (s + 1e-6), clamped
 to the row's levels because compensated weights can leave the original range. Layers are done in order,
-each calibrated on the outputs of the already quantized layers before it.
+each calibrated on the outputs of the already quantized layers before it (their inputs are cached: one pass per
+layer, as the GPTQ reference code, instead of re-running the model up to it).
 """
 import torch
 import torch.nn as nn
@@ -50,8 +51,34 @@ def gptq_weight(weight, hessian, bits, blocksize=128, percdamp=0.01):
 
 
 @torch.no_grad()
+def first_layer_inputs(model, windows, batch_size=1):
+    """(args, kwargs) the first decoder layer is called with, per batch of windows: the embeddings, the
+    position embeddings and the mask, so that each layer can then be run on its own."""
+    calls = []
+
+    def grab(module, args, kwargs):
+        calls.append((args, kwargs))
+        raise StopForward
+    run_windows(model, windows, [decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)],
+                batch_size)
+    return calls
+
+
+def next_inputs(args, kwargs, output):
+    """The next layer's call: this layer's hidden states in place of its input (older transformers return a
+    tuple, newer ones the tensor)."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
 def gptq_model(model, windows, bits, batch_size=1):
-    """Replace every decoder linear's weight by its GPTQ rounding, layer after layer, in place."""
+    """Replace every decoder linear's weight by its GPTQ rounding, layer after layer, in place. Each layer
+    runs once on the outputs of the already quantized layers before it (kept in memory: n x seq_len x hidden
+    floats), once more after its rounding to give the next layer's inputs."""
+    calls = first_layer_inputs(model, windows, batch_size)
     for layer in tqdm(decoder_layers(model), desc=f"GPTQ W{bits}", unit="layer"):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         hessians = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in linears.items()}
@@ -62,12 +89,15 @@ def gptq_model(model, windows, bits, batch_size=1):
                 hessians[name].addmm_(x.T, x, alpha=2.0)
             return hook
 
-        def stop(module, args, output):
-            raise StopForward  # this layer's inputs are all that is needed: skip the rest of the model
-
         hooks = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
-        run_windows(model, windows, hooks + [layer.register_forward_hook(stop)], batch_size)
+        try:
+            for args, kwargs in calls:
+                layer(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
         for name, linear in linears.items():  # every token of every window went through every linear once
             q = gptq_weight(linear.weight, hessians[name] / windows.numel(), bits)
             linear.weight.copy_(q.to(linear.weight.dtype))
+        calls = [next_inputs(args, kwargs, layer(*args, **kwargs)) for args, kwargs in calls]
     return model

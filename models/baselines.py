@@ -23,8 +23,9 @@ def smoothquant(model, setting, windows, alpha=0.5):
 
 
 def gptq(model, setting, windows, alpha=None):
-    gptq_model(model, windows, setting.w_bits)
-    return replace(setting, w_bits=32).apply(model)  # the weights are on their grid already
+    setting.check_groups(model)
+    gptq_model(model, windows, setting.w_bits, group_size=setting.w_group_size)
+    return replace(setting, w_bits=32, w_group_size=None).apply(model)  # the weights are on their grid already
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Baseline:
             raise InputError(f"--smoothquant {alpha}: the migration strength alpha must be in (0, 1] (paper: 0.5)")
         if self.w_bits is not None and setting.w_bits not in self.w_bits:
             raise InputError(f"--{self.name.lower()} needs --w_bits {self.w_bits.start}-{self.w_bits.stop - 1} "
-                             f"(the symmetric per-channel grid), not {setting.w_bits}")
+                             f"(the symmetric grid), not {setting.w_bits}")
 
 
 BASELINES = {b.name: b for b in (Baseline("RTN", rtn), Baseline("SmoothQuant", smoothquant, True, True),

@@ -3,7 +3,8 @@
 Format: compressed-tensors `pack-quantized` (read by vLLM, and by transformers through compressed-tensors).
 Every decoder linear stores
     weight_packed  int32 [out, ceil(in * b / 32)]  b-bit integers q, packed densely (models/packing.py)
-    weight_scale   float64 [out, 1]                one scale per output channel (row)
+    weight_scale   float64 [out, 1]                one scale per output channel (row), or [out, in / G] with
+                                                   w_group_size G (compressed-tensors' group strategy)
     weight_shape   int64 [2]                       (out, in)
 meaning w = (q - zero_point) * weight_scale, LLM-QAT's fake-quant weight (quantize_weight):
     >= 3 bits  q = round(w * s), scale = 1 / (s + 1e-6), zero_point 0;
@@ -32,19 +33,21 @@ from models.errors import InputError
 from models.io import atomic_dir
 from models.packed import PackedQuantizeLinear
 from models.quant_model import QuantSetting, load_exported, load_model, read_config, swap_linears
-from models.utils_quant import QuantizeLinear, quantize_weight, zero_point
+from models.utils_quant import QuantizeLinear, zero_point
 
 SAMPLE_TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
 MAX_LOGIT_DIFF = 1e-3
 
 
-def compressed_tensors_config(bits):
-    """The compressed-tensors `quantization_config`: b-bit symmetric int weights, one scale per channel, packed.
+def compressed_tensors_config(bits, group_size=None):
+    """The compressed-tensors `quantization_config`: b-bit symmetric int weights, one scale per channel (or per
+    group of group_size input columns), packed.
 
     Weights only: LLM-QAT's per-token activation grid (absmax / (2^(b-1) - 1)) is not compressed-tensors'
     (absmax / (2^(b-1) - 0.5)), and its KV quantization (per token across heads, before RoPE) has no equivalent.
     """
-    weights = dict(num_bits=bits, type="int", symmetric=True, strategy="channel", dynamic=False)
+    weights = dict(num_bits=bits, type="int", symmetric=True, strategy="group" if group_size else "channel",
+                   group_size=group_size, dynamic=False)
     return dict(quant_method="compressed-tensors", format="pack-quantized", quantization_status="compressed",
                 config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=None)},
                 ignore=["lm_head"], kv_cache_scheme=None)
@@ -83,7 +86,8 @@ def export(model_dir, out_dir):
     """Write the QAT model in model_dir as a packed low-bit checkpoint in out_dir, after checking that it
     reproduces the fake-quant model's logits on SAMPLE_TEXT. Writes into a temporary directory, then renames."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    bits = _check(model_dir, out_dir).w_bits
+    config = _check(model_dir, out_dir)
+    bits, group_size = config.w_bits, getattr(config, "w_group_size", None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir).eval()
     sample = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids
@@ -91,15 +95,16 @@ def export(model_dir, out_dir):
 
     def pack_one(name, linear):
         packed = PackedQuantizeLinear.from_linear(linear)
-        weight_diffs.append((packed.dequantized_weight() - quantize_weight(linear.weight, bits)).abs().max().item())
+        weight_diffs.append((packed.dequantized_weight() - linear.quantized_weight()).abs().max().item())
         return packed
 
     with torch.no_grad():
         reference = model(sample).logits
         swap_linears(model, QuantizeLinear, pack_one)
-    model.config.llmqat_export = {"format": "pack-quantized", "num_bits": bits, "zero_point": zero_point(bits)}
+    model.config.llmqat_export = {"format": "pack-quantized", "num_bits": bits, "zero_point": zero_point(bits),
+                                  "group_size": group_size}
     if bits >= 3:
-        model.config.quantization_config = compressed_tensors_config(bits)
+        model.config.quantization_config = compressed_tensors_config(bits, group_size)
 
     try:
         with atomic_dir(out_dir) as tmp:  # a temporary directory beside out_dir, renamed when checked

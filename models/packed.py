@@ -1,7 +1,7 @@
 """PackedQuantizeLinear: a QuantizeLinear whose weight is stored as packed integer codes (export.py's format).
 
     weight_packed  int32 [out, ceil(in * b / 32)]  the b-bit codes, packed densely (models/packing.py)
-    weight_scale   float64 [out, 1]                one scale per output channel (row)
+    weight_scale   float64 [out, 1]                one scale per output channel (row), or [out, in / G]: per group
     weight_shape   int64 [2]                       (out, in)
 meaning w = (codes - zero_point) * weight_scale: models.utils_quant.WeightGrid, the fake quantizer's own grid.
 """
@@ -19,17 +19,18 @@ class PackedQuantizeLinear(QuantizeLinear):
     def __init__(self, linear):
         super().__init__(linear.in_features, linear.out_features, symmetric=linear.symmetric, w_bits=linear.w_bits,
                          a_bits=linear.a_bits, out_bits=linear.out_bits, act_layerwise=linear.act_layerwise,
-                         device="meta")
+                         w_group_size=linear.w_group_size, device="meta")
         self.weight, self.bias = None, linear.bias
         out, n = linear.out_features, linear.in_features
         self.register_buffer("weight_packed", torch.zeros(out, packed_words(n, self.w_bits), dtype=torch.int32))
-        self.register_buffer("weight_scale", torch.zeros(out, 1, dtype=torch.float64))
+        scales = n // self.w_group_size if self.w_group_size else 1
+        self.register_buffer("weight_scale", torch.zeros(out, scales, dtype=torch.float64))
         self.register_buffer("weight_shape", torch.tensor([out, n]))
 
     @classmethod
     def from_linear(cls, linear):
         packed = cls(linear)
-        grid = weight_grid(linear.weight, linear.w_bits)
+        grid = weight_grid(linear.weight, linear.w_bits, group_size=linear.w_group_size)
         packed.weight_packed.copy_(pack(grid.codes, linear.w_bits))
         packed.weight_scale.copy_(grid.scale)
         return packed

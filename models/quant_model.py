@@ -29,20 +29,22 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_BITS = (*range(1, 9), 16, 32)
 KV_MODULES = ("k_proj", "v_proj")
-_NAME = re.compile(r"W(\d+)A(\d+)KV(\d+)$")
-_LABEL = re.compile(r"(\d+)-(\d+)-(\d+)$")
+_NAME = re.compile(r"W(\d+)A(\d+)KV(\d+)(?:-g(\d+))?$")
+_LABEL = re.compile(r"(\d+)-(\d+)-(\d+)(?:-g(\d+))?$")
 
 
 @dataclass(frozen=True)
 class QuantSetting:
     """Bit widths of weights, input activations and the KV cache (32: not quantized), checked once, here.
 
-    name "W4A8KV4" (run and model directory names), label "4-8-4" (tables); written to and read from a
-    model's config.json (w_bits, a_bits, kv_bits, kv_post_rope), and applied to a model by apply()."""
+    name "W4A8KV4" (run and model directory names), label "4-8-4" (tables), both with "-g128" for groups of
+    128 weight columns; written to and read from a model's config.json (w_bits, a_bits, kv_bits, kv_post_rope,
+    w_group_size), and applied to a model by apply()."""
     w_bits: int = 32
     a_bits: int = 32
     kv_bits: int = 32
     kv_post_rope: bool = False  # quantize keys after RoPE (serving engines' cache) instead of before (the paper)
+    w_group_size: int = None  # one weight scale per group of this many input columns; None: per output channel
 
     def __post_init__(self):
         for field, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits), ("kv_bits", self.kv_bits)):
@@ -51,35 +53,47 @@ class QuantSetting:
         if self.kv_bits == 1:
             raise InputError("kv_bits=1 is not allowed (symmetric 1-bit quantization has no nonzero level); "
                              "use 2-8, 16 or 32")
+        if self.w_group_size is not None:
+            if type(self.w_group_size) is not int or self.w_group_size < 1:
+                raise InputError(f"w_group_size={self.w_group_size} is not allowed; use a positive number of input "
+                                 "columns that divides every decoder linear's input width (e.g. 32, 64, 128)")
+            if self.w_bits >= 32:
+                raise InputError(f"w_group_size={self.w_group_size} needs quantized weights (w_bits 1-8 or 16)")
         if self.a_bits <= 2:
             logger.warning("a_bits=%d: activations are not quantized below 3 bits (as in the paper)", self.a_bits)
 
     @classmethod
     def parse(cls, text, kv_post_rope=False):
-        """From a label "4-8-4" or a name "W4A8KV4"."""
+        """From a label "4-8-4" or a name "W4A8KV4" (either with "-g128": groups of 128 weight columns)."""
         m = _LABEL.match(str(text)) or _NAME.match(str(text))
         if m is None:
-            raise InputError(f"quantization setting {text!r}: write W-A-KV as 4-8-4 or W4A8KV4")
-        return cls.of(*m.groups(), kv_post_rope=kv_post_rope)
+            raise InputError(f"quantization setting {text!r}: write W-A-KV as 4-8-4 or W4A8KV4 (-g128: groups)")
+        *bits, group = m.groups()
+        return cls.of(*bits, kv_post_rope=kv_post_rope, w_group_size=group)
 
     @classmethod
-    def of(cls, w_bits, a_bits, kv_bits, kv_post_rope=False):
+    def of(cls, w_bits, a_bits, kv_bits, kv_post_rope=False, w_group_size=None):
         """From widths given as text (a command line); one that is not an integer is named in the error."""
         def width(x):
             return int(x) if str(x).lstrip("-").isdigit() else x
-        return cls(width(w_bits), width(a_bits), width(kv_bits), kv_post_rope)
+        group = None if w_group_size in (None, "", "0", 0) else width(w_group_size)
+        return cls(width(w_bits), width(a_bits), width(kv_bits), kv_post_rope, group)
 
     @property
     def bits(self):
         return self.w_bits, self.a_bits, self.kv_bits
 
     @property
+    def groups(self):
+        return f"-g{self.w_group_size}" if self.w_group_size else ""
+
+    @property
     def name(self):
-        return "W{}A{}KV{}".format(*self.bits)
+        return "W{}A{}KV{}".format(*self.bits) + self.groups
 
     @property
     def label(self):
-        return "{}-{}-{}".format(*self.bits)
+        return "{}-{}-{}".format(*self.bits) + self.groups
 
     @property
     def is_float(self):
@@ -90,18 +104,31 @@ class QuantSetting:
         """The setting a saved QAT model carries in its config.json, or None for a full-precision model."""
         if not all(hasattr(config, k) for k in ("w_bits", "a_bits", "kv_bits")):
             return None
-        return cls(config.w_bits, config.a_bits, config.kv_bits, bool(getattr(config, "kv_post_rope", False)))
+        return cls(config.w_bits, config.a_bits, config.kv_bits, bool(getattr(config, "kv_post_rope", False)),
+                   getattr(config, "w_group_size", None))
 
     def write_config(self, config):
         for key, value in asdict(self).items():
             setattr(config, key, value)
 
+    def check_groups(self, model):
+        """One clear error if w_group_size does not divide the input width of every decoder linear."""
+        if self.w_group_size:
+            widths = sorted({m.in_features for layer in decoder_layers(model) for m in layer.modules()
+                             if isinstance(m, nn.Linear)})
+            if bad := [w for w in widths if w % self.w_group_size]:
+                raise InputError(f"w_group_size={self.w_group_size} does not divide the decoder linears' input "
+                                 f"width {bad[0]}; use a divisor of every width in {widths}")
+
     def apply(self, model):
         """Replace every decoder nn.Linear with QuantizeLinear in place; record the setting in model.config."""
+        self.check_groups(model)
+
         def to_quantize_linear(name, linear):
             out_bits = self.kv_bits if name in KV_MODULES and not self.kv_post_rope else 32
             q = QuantizeLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-                               w_bits=self.w_bits, a_bits=self.a_bits, out_bits=out_bits)
+                               w_bits=self.w_bits, a_bits=self.a_bits, out_bits=out_bits,
+                               w_group_size=self.w_group_size)
             q.weight, q.bias = linear.weight, linear.bias  # share parameters: no copy, same state_dict keys
             return q
 

@@ -5,6 +5,9 @@ sees the quantization error while tensors keep their float dtype. Scales are rec
 tensor on every call (absmax, dynamic); nothing besides the weights themselves is learned.
 
 Bit widths: 32 means "not quantized"; 16 is a real (nearly lossless) 16-bit fake quantization.
+Weight granularity: one scale per output channel (the paper), per tensor (layerwise), or per group of G
+consecutive input columns (group_size G, as deployable recipes use: a [out, in] weight is quantized as the
+[out * in / G, G] matrix of its groups, the same formula on every row of G).
 """
 import functools
 import os
@@ -61,10 +64,17 @@ def sym_dequant(codes, s):
     return codes / (s + EPS)
 
 
+def groups(weight, group_size):
+    """The [out * in / G, G] view of a [out, in] weight's groups of G input columns (G must divide in)."""
+    if weight.shape[-1] % group_size:
+        raise ValueError(f"w_group_size={group_size} does not divide the weight's {weight.shape[-1]} input columns")
+    return weight.reshape(-1, group_size)
+
+
 @dataclass
 class WeightGrid:
     """A weight on the paper's grid: w = (codes - zero_point) * scale, codes int8 [out, in], scale float64
-    [out, 1] (or [1, 1] per tensor). >= 3 bits: codes round(w s), scale 1/(s + 1e-6) (float64 so that
+    [out, 1] (or [1, 1] per tensor, [out, in / G] per group of G columns). >= 3 bits: codes round(w s), scale 1/(s + 1e-6) (float64 so that
     s + 1e-6 comes back exactly: dequantize divides as fake quantization does, bit for bit). 2 bits: codes
     {-2..1}, zero point -0.5, levels {-1.5, -0.5, 0.5, 1.5} * a/2, a = 2 mean|w|. 1 bit: codes {-1, 0},
     zero point -0.5, levels -+mean|w| (no zero level: the fake quantizer's sign(0) = 0 is not a code)."""
@@ -82,11 +92,15 @@ def zero_point(bits):
     return -0.5 if bits <= 2 else 0.0
 
 
-def weight_grid(weight, bits, layerwise=False):
-    """The WeightGrid of a [out, in] weight, per output channel (row) or per tensor; computed in fp32 with the
-    same operations as the fake quantizer, so the codes are the QAT model's own roundings."""
+def weight_grid(weight, bits, layerwise=False, group_size=None):
+    """The WeightGrid of a [out, in] weight, per output channel (row), per tensor or per group of group_size
+    input columns; computed in fp32 with the same operations as the fake quantizer, so the codes are the QAT
+    model's own roundings."""
     if not 1 <= bits <= 8:
         raise ValueError(f"w_bits={bits}: only 1-8 bit weights have integer codes")
+    if group_size:
+        g = weight_grid(groups(weight, group_size), bits)
+        return WeightGrid(g.codes.reshape(weight.shape), g.scale.reshape(weight.shape[0], -1), bits)
     w = weight.detach().float()
 
     def reduce(t, op):
@@ -106,9 +120,12 @@ def weight_grid(weight, bits, layerwise=False):
 def dequantize(grid):
     """The fp32 weight of a WeightGrid: bit-exact the fake-quant weight at >= 3 bits; at 1-2 bits the grid's
     levels (a/2 and 2 mean|w| are exact in fp32)."""
+    scale = grid.scale
+    if scale.shape[-1] > 1:  # per group: each scale covers its G columns
+        scale = scale.repeat_interleave(grid.codes.shape[-1] // scale.shape[-1], dim=-1)
     if grid.bits >= 3:  # codes / (s + 1e-6): the float64 scale gives back s + 1e-6 exactly
-        return grid.codes / (1 / grid.scale).float()
-    return (grid.codes - grid.zero_point) * grid.scale.float()
+        return grid.codes / (1 / scale).float()
+    return (grid.codes - grid.zero_point) * scale.float()
 
 
 def sym_quant(x, num_bits, clip_val=CLIP_VAL, layerwise=False, out_dtype=None):
@@ -193,12 +210,15 @@ def _ste(w, q):
     return w + (q - w).detach()
 
 
-def quantize_weight(weight, w_bits, layerwise=False, dtype=None):
-    """Fake-quantize a [out, in] weight per output channel (row), or per tensor when layerwise.
+def quantize_weight(weight, w_bits, layerwise=False, dtype=None, group_size=None):
+    """Fake-quantize a [out, in] weight per output channel (row), per tensor when layerwise, or per group of
+    group_size input columns.
 
     dtype: the >= 3-bit result is written straight in it (autocast's compute dtype: one pass, no fp32 copy)."""
     if w_bits >= 32:
         return weight
+    if group_size:  # the same quantizer on the rows of G columns (the Triton kernel included)
+        return quantize_weight(groups(weight, group_size), w_bits, False, dtype).reshape(weight.shape)
     if w_bits >= 3:
         return SymQuantizer.apply(weight, CLIP_VAL, w_bits, layerwise, dtype)
     if w_bits < 1:
@@ -221,22 +241,25 @@ def quantize_act(x, bits, symmetric=True, layerwise=False, dtype=None):
 
 
 class QuantizeLinear(nn.Linear):
-    """nn.Linear whose weight (per output channel) and input (per token) are fake-quantized.
+    """nn.Linear whose weight (per output channel, or per group of w_group_size input columns) and input (per
+    token) are fake-quantized.
 
     out_bits < 32 also quantizes the output per token: used on k_proj / v_proj for the KV cache.
     Printing shows the nn.Linear repr, as in the original code; the bit widths are attributes.
     """
 
     def __init__(self, *args, symmetric=True, bias=False, w_bits=32, a_bits=32, out_bits=32,
-                 act_layerwise=False, weight_layerwise=False, **kwargs):
+                 act_layerwise=False, weight_layerwise=False, w_group_size=None, **kwargs):
         super().__init__(*args, bias=bias, **kwargs)
-        self.w_bits, self.a_bits, self.out_bits = w_bits, a_bits, out_bits
+        if w_group_size and self.in_features % w_group_size:
+            raise ValueError(f"w_group_size={w_group_size} does not divide in_features={self.in_features}")
+        self.w_bits, self.a_bits, self.out_bits, self.w_group_size = w_bits, a_bits, out_bits, w_group_size or None
         self.symmetric = symmetric
         self.act_layerwise, self.weight_layerwise = act_layerwise, weight_layerwise
 
     def quantized_weight(self, dtype=None):
         """The fake-quantized weight (in dtype if given); an exported model dequantizes its codes here."""
-        return quantize_weight(self.weight, self.w_bits, self.weight_layerwise, dtype)
+        return quantize_weight(self.weight, self.w_bits, self.weight_layerwise, dtype, self.w_group_size)
 
     def forward(self, input):
         # Under autocast F.linear would cast both operands: quantize straight into the compute dtype instead.

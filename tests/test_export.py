@@ -140,7 +140,7 @@ def test_export_cli_w4_bit_exact_logits_size_and_generation(tmp_path, tokenizer,
 
     config = json.loads((out / "config.json").read_text())
     assert (config["w_bits"], config["a_bits"], config["kv_bits"], config["kv_post_rope"]) == (4, 8, 4, False)
-    assert config["llmqat_export"] == {"format": "pack-quantized", "num_bits": 4, "zero_point": 0.0}
+    assert config["llmqat_export"] == {"format": "pack-quantized", "num_bits": 4, "zero_point": 0.0, "group_size": None}
 
     # greedy generation with the KV cache: the same tokens as the QAT model
     qat_model, exported = load_model(qat).eval(), load_exported(out)

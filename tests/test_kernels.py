@@ -136,6 +136,23 @@ def test_sym_quantizer_through_the_triton_path(monkeypatch):
     assert torch.equal(y, y_ref) and torch.equal(grad, x.grad)
 
 
+@interpreted
+@pytest.mark.parametrize("bits", [4, 8])
+def test_group_wise_weights_through_the_triton_path(monkeypatch, bits):
+    """w_group_size: the kernel runs on the [out * in / G, G] rows of the groups, bit-exact with the reference."""
+    from models.utils_quant import quantize_weight
+    torch.manual_seed(0)
+    w = (torch.randn(48, 256) * 0.05).requires_grad_()
+    ref = quantize_weight(w, bits, group_size=32)
+    monkeypatch.setattr(utils_quant, "_kernels_for", lambda x, layerwise=False: kernels)
+    q = quantize_weight(w, bits, group_size=32)
+    assert torch.equal(q, ref) and not torch.equal(q, quantize_weight(w.detach(), bits))
+    (mask,) = q.grad_fn.next_functions[0][0].saved_tensors  # the kernel's bit-packed mask, one row per group
+    assert mask.dtype == torch.uint8 and mask.shape == (48 * 8, 4)
+    q.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
 def test_reference_keeps_no_mask_when_nothing_is_clipped():
     """On CPU a tensor inside (-2, 2), as weights are in practice, keeps nothing: its gradient passes unchanged."""
     w = (torch.rand(32, 64) - 0.5).requires_grad_()

@@ -33,7 +33,9 @@ def logits(model, tokenizer, text=SAMPLES[0]):
 def gguf_file(bpe_model_dir, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(bpe_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(bpe_model_dir)
-    return write_gguf(model, tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(model, tokenizer, path)
+    return path
 
 
 def test_gguf_converts_to_an_hf_directory_with_equal_logits_tokens_and_tied_embeddings(bpe_model_dir, gguf_file,

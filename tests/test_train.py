@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.quant_model import load_model
-from models.utils_quant import QuantizeLinear
+from models.utils_quant import QuantizeLinear, quantize_weight
 
 from conftest import REPO  # noqa: E402
 
@@ -198,6 +198,17 @@ def test_qat_false_is_the_unquantized_control(tmp_path):
     model_dir = tmp_path / "models" / "W32A32KV32"
     assert "w_bits" not in json.load(open(model_dir / "config.json"))
     assert type(load_model(str(model_dir)).model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_group_wise_weights_pass_through_to_the_saved_model(tmp_path):
+    run(["sh", "run_train.sh", "4", "8", "4", *SHORT, "--w_group_size", "16", "--max_steps", "2", "--do_eval", "False"],
+        tmp_path)
+    model_dir = tmp_path / "models" / "W4A8KV4-g16"
+    assert json.load(open(model_dir / "config.json"))["w_group_size"] == 16
+    model = load_model(str(model_dir))
+    down = model.model.layers[0].mlp.down_proj
+    assert down.w_group_size == 16 and torch.equal(
+        down.quantized_weight(), quantize_weight(down.weight, 4, group_size=16))
 
 
 @pytest.mark.parametrize("nproc", ["1", "2"])

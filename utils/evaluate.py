@@ -100,6 +100,8 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", type=int, default=None, help="quantize an FP model without training (RTN); "
                        "an omitted width stays 32")
     p.add_argument("--kv_post_rope", action="store_true", help="RTN: quantize keys after RoPE")
+    p.add_argument("--w_group_size", type=int, default=None, help="with the bits: one weight scale "
+                   "per group of this many input columns (RTN, SmoothQuant, GPTQ); default: per output channel")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", help="with the bits: SmoothQuant "
                    "baseline, migration strength alpha in (0, 1] (paper: 0.5), then the same quantizers as RTN")
     p.add_argument("--gptq", action="store_true", help="with the bits: GPTQ-round the weights (w_bits 3-8) on the "
@@ -203,7 +205,10 @@ def main(argv=None):
     bits = (args.w_bits, args.a_bits, args.kv_bits)
     setting = None
     if any(b is not None for b in bits):
-        setting = QuantSetting(*(32 if b is None else b for b in bits), kv_post_rope=args.kv_post_rope)
+        setting = QuantSetting(*(32 if b is None else b for b in bits), kv_post_rope=args.kv_post_rope,
+                               w_group_size=args.w_group_size)
+    elif args.w_group_size is not None:
+        raise InputError("--w_group_size needs the bits to quantize to (--w_bits ...)")
     if args.smoothquant is not None and args.gptq:
         raise InputError("--smoothquant and --gptq are separate baselines: pass one")
     baseline = "SmoothQuant" if args.smoothquant is not None else "GPTQ" if args.gptq else None

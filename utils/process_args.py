@@ -24,6 +24,9 @@ class ModelArguments:
     a_bits: int = field(default=32, metadata={"help": "Activation bits: 1-8, 16, or 32 (off; <=2 also off)"})
     kv_bits: int = field(default=32, metadata={"help": "KV-cache bits: 2-8, 16, or 32 (off)"})
     kv_post_rope: bool = field(default=False, metadata={"help": "Quantize keys after RoPE (default: before, as the paper)"})
+    w_group_size: int = field(default=None, metadata={"help": "One weight scale per group of this many input columns "
+                              "(e.g. 128, as deployable recipes; saved in config.json); default: per output channel, "
+                              "the paper's"})
     use_kd: bool = field(default=True, metadata={"help": "Distill from the FP teacher (False: next-token loss)"})
     kd_loss_scale: float = field(default=1.0, metadata={"help": "Scale of the KL(teacher || student) loss"})
     shard_teacher: bool = field(
@@ -38,7 +41,7 @@ class ModelArguments:
         """The student's QuantSetting (bad widths fail here, with one line); full precision without --qat."""
         if not self.qat:
             return QuantSetting()
-        return QuantSetting(self.w_bits, self.a_bits, self.kv_bits, self.kv_post_rope)
+        return QuantSetting(self.w_bits, self.a_bits, self.kv_bits, self.kv_post_rope, self.w_group_size)
 
 
 @dataclass

@@ -94,7 +94,7 @@ def tokenizer_metadata(writer, tokenizer):
         writer.add_add_space_prefix(True)
     elif model["type"] == "BPE" and "ByteLevel" in pre:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt2")  # GPT-2's split regex, which ByteLevel(use_regex) applies
+        writer.add_tokenizer_pre("gpt-2")  # llama.cpp: GPT-2's split regex, which ByteLevel(use_regex) applies
         writer.add_token_list(tokens)
         writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3: control, 1: normal
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])

@@ -105,7 +105,7 @@ def test_byte_level_bpe_tokenizer_and_tied_embeddings(tmp_path, bpe_model_dir):
                          tmp_path / "out")
     reader = GGUFReader(str(report.path))
     assert "output.weight" not in {t.name for t in reader.tensors}  # llama.cpp uses token_embd for both
-    assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == ("gpt2", "gpt2")
+    assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == ("gpt2", "gpt-2")
     merges = json.loads((bpe_model_dir / "tokenizer.json").read_text())["model"]["merges"]
     assert len(field(reader, "tokenizer.ggml.merges")) == len(merges)
 

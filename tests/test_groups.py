@@ -136,6 +136,11 @@ def test_group_export_is_exact_and_compressed_tensors_reads_it(tmp_path, tokeniz
 
 
 def test_eval_cli_takes_group_size_for_rtn_and_refuses_it_alone(tmp_path):
+    from utils.errors import cli
+    from utils.evaluate import main
+
+    def cli_main(argv):
+        return cli(lambda: main(argv))
     eval_py, model = [sys.executable, str(REPO_PATH / "eval.py")], str(REPO_PATH / "assets" / "tiny_llama")
     out = tmp_path / "r.json"
     run_cli(eval_py + [model, "--w_bits", "4", "--w_group_size", "16", "--seq_len", "128", "--max_windows", "2",
@@ -144,6 +149,22 @@ def test_eval_cli_takes_group_size_for_rtn_and_refuses_it_alone(tmp_path):
     for args, message in ((["--w_group_size", "16"], "error: --w_group_size needs the bits to quantize to (--w_bits ...)"),
                           (["--w_bits", "4", "--w_group_size", "100"], "error: w_group_size=100 does not divide the "
                            "decoder linears' input width 256; use a divisor of every width in [256, 688]")):
-        proc = run_cli(eval_py + [model] + args, cwd=tmp_path, check=False)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and lines[-1] == message and not any("Traceback" in x for x in lines), lines
+        with pytest.raises(SystemExit) as e:  # in-process: eval.py's main exits with the one error line
+            cli_main([model] + args)
+        assert e.value.code == message
+
+
+def test_gptq_baseline_on_a_model_uses_the_group_grid():
+    from models.baselines import BASELINES
+    from models.utils_quant import QuantizeLinear
+    model = LlamaForCausalLM(LlamaConfig(**SMALL))
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    ids = torch.randint(0, SMALL["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(0))
+    BASELINES["GPTQ"].quantize(model, QuantSetting(4, 8, 4, w_group_size=32), ids)
+    down = model.model.layers[1].mlp.down_proj
+    assert type(down) is QuantizeLinear and down.w_bits == 32 and down.a_bits == 8  # weights already on the grid
+    grid = weight_grid(original["model.layers.1.mlp.down_proj"], 4, group_size=32)
+    codes = down.weight.detach().double() / grid.scale.repeat_interleave(32, dim=1)
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.round().abs().max() <= 7
+    with pytest.raises(InputError, match="w_group_size=48 does not divide"):
+        BASELINES["GPTQ"].quantize(LlamaForCausalLM(LlamaConfig(**SMALL)), QuantSetting(4, w_group_size=48), ids)

@@ -198,8 +198,12 @@ def test_transformers_with_compressed_tensors_reads_the_same_weights(tmp_path, t
     export(save_model(tmp_path / "qat", tokenizer, (bits, 8, 8)), tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert QuantizationConfig.model_validate(config).format == "pack-quantized"
-    ours = load_exported(tmp_path / "out")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
+    assert_library_reads_our_weights(tmp_path / "out", load_exported(tmp_path / "out"))
+
+
+def assert_library_reads_our_weights(out_dir, ours):
+    """transformers + compressed-tensors loads the export with exactly our dequantized decoder weights."""
+    theirs = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
                                                   quantization_config=CompressedTensorsConfig(dequantize=True))
     for layer, their_layer in zip(ours.model.layers, theirs.model.layers):
         for name, module in layer.named_modules():

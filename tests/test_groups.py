@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from models.errors import InputError
 from models.export import export
@@ -16,6 +16,7 @@ from models.quant_model import QuantSetting, load_exported, load_model
 from models.utils_quant import QuantizeLinear, dequantize, quantize_weight, sym_quant, weight_grid
 
 from conftest import REPO_PATH, run_cli
+from test_export import assert_library_reads_our_weights
 
 SMALL = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -127,12 +128,7 @@ def test_group_export_is_exact_and_compressed_tensors_reads_it(tmp_path, tokeniz
         return
     weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
     assert (weights["strategy"], weights["group_size"]) == ("group", 32)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
-                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
-    for layer, their_layer in zip(exported.model.layers, theirs.model.layers):
-        for name, module in layer.named_modules():
-            if isinstance(module, PackedQuantizeLinear):
-                assert torch.equal(their_layer.get_submodule(name).weight, module.dequantized_weight()), name
+    assert_library_reads_our_weights(tmp_path / "out", exported)
 
 
 def test_eval_cli_takes_group_size_for_rtn_and_refuses_it_alone(tmp_path):

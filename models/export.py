@@ -53,7 +53,7 @@ def compressed_tensors_config(bits, group_size=None):
                 ignore=["lm_head"], kv_cache_scheme=None)
 
 
-def _check(model_dir, out_dir):
+def check_input(model_dir, out_dir):
     """One clear error before any work: not a QAT checkpoint, incomplete, or an output that would be overwritten."""
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
@@ -86,7 +86,7 @@ def export(model_dir, out_dir):
     """Write the QAT model in model_dir as a packed low-bit checkpoint in out_dir, after checking that it
     reproduces the fake-quant model's logits on SAMPLE_TEXT. Writes into a temporary directory, then renames."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = _check(model_dir, out_dir)
+    config = check_input(model_dir, out_dir)
     bits, group_size = config.w_bits, getattr(config, "w_group_size", None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir).eval()

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from models.errors import InputError
-from models.export import _check
+from models.export import check_input
 from models.gguf_writer import TENSOR_NAMES, rotary_rows, write_gguf
 from models.io import atomic_dir
 from models.quant_model import QuantSetting, load_model
@@ -70,7 +70,7 @@ def read_back_error(path, expected):
 def export_gguf(model_dir, out_dir):
     """Write the QAT model in model_dir as out_dir/<setting name>.gguf, checked by reading it back."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = _check(model_dir, out_dir)
+    config = check_input(model_dir, out_dir)
     if config.model_type != "llama" or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise InputError(f"{model_dir}: --format gguf writes LLaMA-architecture models without biases "
                          f"(this one is {config.model_type!r}); use the default compressed-tensors export")

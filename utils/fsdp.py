@@ -27,6 +27,7 @@ import resource
 import torch
 from transformers import TrainerCallback
 
+from utils import precision
 from utils.internals import fsdp2_shard, set_distributed_type
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,7 @@ def promote_to_fsdp(accelerator, fsdp_plugin_args) -> bool:
     state = accelerator.state
     if fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU or state.num_processes <= 1:
         return False
-    plugin = FullyShardedDataParallelPlugin(**fsdp_plugin_args)
-    if state.mixed_precision != "no":  # same as AcceleratorState does for GPUs
-        plugin.set_mixed_precision(state.mixed_precision)
+    plugin = FullyShardedDataParallelPlugin(**fsdp_plugin_args)  # mixed precision: see utils.precision
     if plugin.fsdp_version == 1:
         # accelerate passes device_id=accelerator.device ("cpu:<rank>") to FSDP1, which then fails its
         # "Inconsistent compute device" check against plain "cpu". FSDP2 does not use it.
@@ -68,6 +67,8 @@ class CpuFsdpMixin:
         super().create_accelerator_and_postprocess()
         if promote_to_fsdp(self.accelerator, self.args.fsdp_plugin_args):
             self.is_fsdp_enabled = True
+        if (plugin := getattr(self.accelerator.state, "fsdp_plugin", None)) is not None:
+            precision.fsdp_mixed_precision(plugin)  # before prepare(): the same dtypes as one process
 
 
 def weights_from_rank0(args) -> bool:

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from utils import precision
 from utils.fsdp import CpuFsdpMixin, ShardReport, shard_frozen
 from utils.internals import register_prepared
 
@@ -77,6 +78,10 @@ class KDTrainer(CpuFsdpMixin, Trainer):
             # shard it here like the teacher and register it as prepared
             register_prepared(self.accelerator, self.model)
         self.add_callback(ShardReport(teacher))
+
+    def autocast_smart_context_manager(self, cache_enabled=True):
+        """bf16 autocast with --bf16 or --precision original, the same under FSDP as in one process."""
+        return precision.autocast(self.args)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None or not model.training:

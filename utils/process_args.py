@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import transformers
 
 from models.quant_model import QuantSetting
+from utils import precision
 from utils.errors import InputError
+from utils.precision import PRECISIONS
 from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
 
 
@@ -33,9 +35,9 @@ class ModelArguments:
         default=True, metadata={"help": "Under FSDP, shard the frozen teacher like the student (1/N per GPU; same "
                                 "logits). False: a full teacher on every GPU, as the original"})
     load_dtype: str = field(
-        default="float32", metadata={"help": "Dtype of the student's weights: float32 master weights (with --bf16 "
-                                     "autocast), or bfloat16 as the original (pure bf16 weights and optimizer)",
-                                     "choices": ["float32", "bfloat16"]})
+        default=None, metadata={"help": "Dtype of the student's weights; follows --precision (float32 master "
+                                "weights by default, bfloat16 under --precision original) and may only repeat it",
+                                "choices": ["float32", "bfloat16"]})
 
     def quant_setting(self):
         """The student's QuantSetting (bad widths fail here, with one line); full precision without --qat."""
@@ -80,6 +82,11 @@ class TrainingArguments(transformers.TrainingArguments):
     save_steps: float = field(default=2000)
     save_total_limit: int = field(default=1)
 
+    precision: str = field(
+        default="default", metadata={"help": "default: fp32 master weights, bf16 autocast with --bf16, the same "
+                                     "numerics under 1 process, N processes, N nodes; original: the original "
+                                     "code's pure bf16 weights and optimizer, bf16 reductions, eager attention "
+                                     "(utils/precision.py)", "choices": list(PRECISIONS)})
     warmup_ratio: float = field(default=None, metadata={"help": "The original's flag (transformers 5 folded it "
                                                                    "into --warmup_steps, where a value < 1 is a ratio)"})
 
@@ -100,6 +107,7 @@ class TrainingArguments(transformers.TrainingArguments):
             # one copy of the weights in host RAM, not one per process (FSDP2, the default; see utils.fsdp)
             cfg.setdefault("cpu_ram_efficient_loading", str(cfg.get("version", 2)) == "2")
             self.fsdp_config = cfg
+        precision.setup(self)
         super().__post_init__()
 
 
@@ -117,6 +125,7 @@ def complete_args(model_args, data_args, training_args, explicit_output_dir=Fals
     """Check the setting once and fill in the names and directories that follow from it (for arguments
     built in Python as for parsed ones)."""
     setting = model_args.quant_setting()  # checked once, before any work
+    model_args.load_dtype = precision.check(training_args.precision, model_args.load_dtype)
     if training_args.max_steps == 0 or training_args.max_steps < -1:
         raise InputError(f"--max_steps {training_args.max_steps}: use >= 1, or -1 (the default: "
                          "--num_train_epochs decides)")

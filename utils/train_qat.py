@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
 from models.quant_model import load_model, read_config
+from utils import precision
 from utils.data import load_blocks
 from utils.errors import InputError
 from utils.fsdp import weights_from_rank0
@@ -71,17 +72,19 @@ def run(model_args, data_args, training_args, callbacks=None):
     if not data_args.shuffle:
         training_args.train_sampling_strategy = "sequential"
 
-    compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     empty = weights_from_rank0(training_args)  # this rank gets its weights from rank 0 while FSDP shards
     if empty:
         logger.warning("rank %d: building the models without weights; rank 0 broadcasts them",
                        training_args.process_index)
-    student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty)
+    # one precision policy for every launch (utils/precision.py)
+    student = load_model(path, dtype=precision.student_dtype(training_args), empty=empty,
+                         **precision.model_kwargs(training_args))
     if model_args.qat:
         setting.apply(student)
     teacher = None
     if model_args.use_kd and training_args.do_train:
-        teacher = load_model(path, dtype=compute_dtype, empty=empty and model_args.shard_teacher)
+        teacher = load_model(path, dtype=precision.teacher_dtype(training_args),
+                             empty=empty and model_args.shard_teacher, **precision.model_kwargs(training_args))
     logger.info("student: %s", student)
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale,
@@ -128,7 +131,8 @@ def run_identity(setting, model_args, data_args, training_args, train_data):
             "lr_scheduler_type": str(a.lr_scheduler_type), "warmup_steps": a.warmup_steps,
             "weight_decay": a.weight_decay, "num_train_epochs": a.num_train_epochs, "max_steps": a.max_steps,
             "global_batch": a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
-            "optim": str(a.optim), "bf16": a.bf16}
+            "optim": str(a.optim), "bf16": a.bf16,
+            **({"precision": a.precision} if a.precision != "default" else {})}  # default: as recorded before it
 
 
 def choose_resume(training_args, identity):

@@ -2,12 +2,27 @@
 # LLM-QAT: sh run_train.sh W A KV [extra train.py args]     e.g. sh run_train.sh 4 8 4 --max_steps 20
 # Environment: MODEL (HF model dir, or a packaged model's name: smollm2), TRAIN_DATA, EVAL_DATA (jsonl, glob or comma list), NPROC (CPU processes
 # when no GPU is visible; default 1), OUTPUT (default output), PYTHON (default python).
+# Several nodes (torchrun's static rendezvous; run this on every node): NNODES (default 1: --standalone),
+# NODE_RANK (0..NNODES-1), MASTER_ADDR (node 0's address), MASTER_PORT (default 29500). run_train_slurm.sh sets them.
 # With GPUs: one process per visible GPU, bf16, FSDP full_shard auto_wrap on the decoder layer class.
 set -e
 cd "$(dirname "$0")"
 usage="usage: sh $0 W A KV [train.py args]   (bits: 1-8, 16 or 32)"
 [ $# -ge 3 ] || { echo "$usage" >&2; exit 1; }
 W=$1 A=$2 KV=$3; shift 3
+
+bad() { echo "error: $1" >&2; exit 1; }
+count() { case "$1" in ''|*[!0-9]*) return 1 ;; esac; [ "$1" -ge "$2" ]; }  # an integer >= $2
+NNODES=${NNODES:-1}
+count "$NNODES" 1 || bad "NNODES=$NNODES is not allowed; use a positive integer (the number of nodes)"
+[ -z "$NPROC" ] || count "$NPROC" 1 || bad "NPROC=$NPROC is not allowed; use a positive integer (processes per node)"
+if [ "$NNODES" -gt 1 ]; then
+  { count "$NODE_RANK" 0 && [ "$NODE_RANK" -lt "$NNODES" ]; } ||
+    bad "NODE_RANK=${NODE_RANK:-(unset)} is not allowed; use 0..$((NNODES - 1)) (this node's rank of NNODES=$NNODES)"
+  [ -n "$MASTER_ADDR" ] || bad "MASTER_ADDR is unset; with NNODES=$NNODES set it to node 0's address on every node"
+  MASTER_PORT=${MASTER_PORT:-29500}
+  { count "$MASTER_PORT" 1 && [ "$MASTER_PORT" -le 65535 ]; } || bad "MASTER_PORT=$MASTER_PORT is not allowed; use 1-65535"
+fi
 
 PYTHON=${PYTHON:-python}
 EMBEDDED=assets/tiny_llama
@@ -50,17 +65,22 @@ else
   DEVICE="--use_cpu True --bf16 $([ "$BF16" = 1 ] && echo True || echo False) --dataloader_pin_memory False"
 fi
 FSDP=""
-[ "$NPROC" -gt 1 ] && FSDP="full_shard auto_wrap"
+[ $((NPROC * NNODES)) -gt 1 ] && FSDP="full_shard auto_wrap"
 # The paper's recipe; the embedded model (256-token training context) takes shorter blocks, 4 per batch.
 RECIPE=""
 [ "$MODEL" = "$EMBEDDED" ] && RECIPE="--model_max_length 256 --per_device_train_batch_size 4"
 
-if [ "$NPROC" -gt 1 ]; then
+if [ "$NNODES" -gt 1 ]; then
+  LAUNCH="$PYTHON -m torch.distributed.run --nnodes $NNODES --node_rank $NODE_RANK --master_addr $MASTER_ADDR"
+  LAUNCH="$LAUNCH --master_port $MASTER_PORT --nproc_per_node $NPROC"
+elif [ "$NPROC" -gt 1 ]; then
   LAUNCH="$PYTHON -m torch.distributed.run --standalone --nproc_per_node $NPROC"
 else
   LAUNCH="$PYTHON"
 fi
-echo "W$W A$A KV$KV on $MODEL: $NPROC process(es), train $TRAIN_DATA"
+NODES=""
+[ "$NNODES" -gt 1 ] && NODES=" on each of $NNODES nodes (this is node $NODE_RANK, rendezvous $MASTER_ADDR:$MASTER_PORT)"
+echo "W$W A$A KV$KV on $MODEL: $NPROC process(es)$NODES, train $TRAIN_DATA"
 # The paper's recipe is train.py's defaults (utils/process_args.py: lr 2e-5, cosine, no warmup or weight decay, one
 # epoch, batch 1 x 2048 tokens, KD with scale 1, checkpoints every 2000 steps); this passes what it decides.
 exec $LAUNCH train.py \

@@ -4,6 +4,9 @@
 # (--num_shards), unless the args give --n_vocab (the original's split: shard i owns [i*n_vocab, (i+1)*n_vocab)).
 # GPUs: shard i runs on visible GPU i mod G (CUDA_VISIBLE_DEVICES), one process per GPU at a time.
 # No GPU: all NUM_SHARDS shards at once on CPU, the cores shared between them (OMP_NUM_THREADS).
+# Several machines: SHARDS=A-B (or A) runs only shards A..B of NUM_SHARDS; unset, with NNODES > 1 each node runs
+# the contiguous block of node NODE_RANK (0..NNODES-1), so the nodes cover every shard once; the merge then reads
+# all of them (one gen_data on a shared filesystem, or merge_gen_data.py --gen_dir a,b,...).
 # Environment: PYTHON (default python), LOG_DIR (per-shard logs, default gen_data/logs).
 # Waits for every shard; exit 1 naming the shards that failed. A rerun completes unfinished shards.
 cd "$(dirname "$0")" || exit 1
@@ -18,6 +21,23 @@ case "$1" in
     N=$1; shift ;;
   *) if [ "$NGPU" -gt 0 ]; then N=$NGPU; else N=1; fi ;;
 esac
+bad() { echo "error: $1" >&2; exit 1; }
+count() { case "$1" in ''|*[!0-9]*) return 1 ;; esac; [ "$1" -ge "$2" ]; }  # an integer >= $2
+FIRST=0 LAST=$((N - 1))
+if [ -n "$SHARDS" ]; then
+  case "$SHARDS" in *-*) FIRST=${SHARDS%-*} LAST=${SHARDS#*-} ;; *) FIRST=$SHARDS LAST=$SHARDS ;; esac
+  { count "$FIRST" 0 && count "$LAST" "$FIRST" && [ "$LAST" -lt "$N" ]; } ||
+    bad "SHARDS=$SHARDS is not allowed; use A-B or A with 0 <= A <= B < NUM_SHARDS=$N"
+elif [ "${NNODES:-1}" != 1 ]; then
+  count "$NNODES" 1 || bad "NNODES=$NNODES is not allowed; use a positive integer (the number of nodes)"
+  { count "$NODE_RANK" 0 && [ "$NODE_RANK" -lt "$NNODES" ]; } ||
+    bad "NODE_RANK=${NODE_RANK:-(unset)} is not allowed; use 0..$((NNODES - 1)) (this node's rank of NNODES=$NNODES)"
+  PER=$(((N + NNODES - 1) / NNODES))
+  FIRST=$((NODE_RANK * PER)) LAST=$((NODE_RANK * PER + PER - 1))
+  [ "$LAST" -lt "$N" ] || LAST=$((N - 1))
+  [ "$FIRST" -le "$LAST" ] || { echo "node $NODE_RANK: no shard left (NUM_SHARDS=$N over NNODES=$NNODES)"; exit 0; }
+fi
+K=$((LAST - FIRST + 1))
 SPLIT="--num_shards $N"
 for arg in "$@"; do
   case "$arg" in --n_vocab|--n_vocab=*) SPLIT="" ;; esac
@@ -39,16 +59,18 @@ run_shard() {
   fi
 }
 
+WHICH="$N shard(s)"
+[ "$K" -lt "$N" ] && WHICH="shard(s) $FIRST-$LAST of $N"
 if [ "$NGPU" -gt 0 ]; then
-  echo "$N shard(s) on $NGPU GPU(s); logs in $LOG_DIR"
+  echo "$WHICH on $NGPU GPU(s); logs in $LOG_DIR"
   g=0
-  while [ "$g" -lt "$NGPU" ] && [ "$g" -lt "$N" ]; do
+  while [ "$g" -lt "$NGPU" ] && [ "$g" -lt "$K" ]; do
     # The g-th visible GPU: its entry in CUDA_VISIBLE_DEVICES when that is set.
     if [ -n "$CUDA_VISIBLE_DEVICES" ]; then device=$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f$((g + 1))); else device=$g; fi
     (
       export CUDA_VISIBLE_DEVICES="$device"
-      s=$g
-      while [ "$s" -lt "$N" ]; do
+      s=$((FIRST + g))
+      while [ "$s" -le "$LAST" ]; do
         run_shard "$s" "$@"
         s=$((s + NGPU))
       done
@@ -57,11 +79,11 @@ if [ "$NGPU" -gt 0 ]; then
   done
 else
   CORES=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
-  THREADS=$((CORES / N)); [ "$THREADS" -ge 1 ] || THREADS=1
+  THREADS=$((CORES / K)); [ "$THREADS" -ge 1 ] || THREADS=1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
-  echo "$N shard(s) on CPU, $OMP_NUM_THREADS thread(s) each; logs in $LOG_DIR"
-  s=0
-  while [ "$s" -lt "$N" ]; do
+  echo "$WHICH on CPU, $OMP_NUM_THREADS thread(s) each; logs in $LOG_DIR"
+  s=$FIRST
+  while [ "$s" -le "$LAST" ]; do
     run_shard "$s" "$@" &
     s=$((s + 1))
   done
@@ -72,4 +94,8 @@ if [ -s "$FAILED" ]; then
   echo "error: shard(s) $(sort -n "$FAILED" | tr '\n' ' ')failed; see their logs in $LOG_DIR" >&2
   exit 1
 fi
-echo "all $N shard(s) done; merge them with: python merge_gen_data.py"
+if [ "$K" -lt "$N" ]; then
+  echo "shard(s) $FIRST-$LAST of $N done; once every machine's shards are done: python merge_gen_data.py"
+else
+  echo "all $N shard(s) done; merge them with: python merge_gen_data.py"
+fi

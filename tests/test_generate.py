@@ -1,5 +1,6 @@
 """Data-free generation (generate_data.py, run_generate.sh) and the merge (merge_gen_data.py) on a tiny random model."""
 import argparse
+import glob
 import inspect
 import json
 import os
@@ -244,6 +245,42 @@ def test_launcher_runs_every_shard_and_reports_failures(tiny_model, tmp_path):
     assert len(open(tmp_path / "bad" / "gen.chunk.00.jsonl").readlines()) == VOCAB
 
 
+def test_nodes_run_their_slice_of_the_shards_and_the_merge_takes_the_union(tiny_model, tmp_path, capsys):
+    """SHARDS=A-B, or each node's block from NNODES / NODE_RANK: two "machines" cover 4 shards once; the merge of
+    both directories holds every start id; a shard in two places is refused; a missing block is named."""
+    def launch(out, **env):
+        return subprocess.run(["sh", "run_generate.sh", "4", "--model", str(tiny_model), "--max_length", "6",
+                               "--prefix_lengths", "3", "--out_dir", str(out)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**ENV, "PYTHON": sys.executable,
+                                                           "LOG_DIR": str(out / "logs"), **env})
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    a, b = launch(node0, SHARDS="0-1"), launch(node1, NNODES="2", NODE_RANK="1")
+    assert a.returncode == b.returncode == 0, a.stdout + a.stderr + b.stdout + b.stderr
+    assert "shard(s) 2-3 of 4 on CPU" in b.stdout and "shard(s) 2-3 of 4 done" in b.stdout
+    assert sorted(os.path.basename(p) for p in glob.glob(f"{node0}/gen.chunk.*.jsonl")) == [
+        "gen.chunk.00.jsonl", "gen.chunk.01.jsonl"]
+    assert sorted(os.path.basename(p) for p in glob.glob(f"{node1}/gen.chunk.*.jsonl")) == [
+        "gen.chunk.02.jsonl", "gen.chunk.03.jsonl"]
+    ids = [r["start_id"] for d in (node0, node1) for p in sorted(glob.glob(f"{d}/gen.chunk.*.jsonl"))
+           for r in map(json.loads, open(p))]
+    assert sorted(ids) == list(range(VOCAB))
+    out = tmp_path / "all.jsonl"
+    assert len(merge(f"{node0},{node1}", out=out)) == VOCAB
+    assert f"wrote {VOCAB} lines from 4 shards" in capsys.readouterr().out
+    merge(str(node1), out=out)
+    assert f"note: start ids 0-{VOCAB // 2 - 1} are in no shard" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        merge(f"{node0},{node0}", out=out)
+    assert str(e.value.code).startswith(f"error: shard 0 is in two places: {node0}/gen.chunk.00.jsonl")
+    for env, message in (({"SHARDS": "3-9"}, "error: SHARDS=3-9 is not allowed; use A-B or A with 0 <= A <= B < "
+                                             "NUM_SHARDS=4"),
+                         ({"NNODES": "2", "NODE_RANK": "x"}, "error: NODE_RANK=x is not allowed; use 0..1")):
+        bad = launch(tmp_path / "bad", **env)
+        assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [bad.stderr.strip()], bad.stderr
+        assert bad.stderr.startswith(message), bad.stderr
+    assert not glob.glob(f"{tmp_path}/bad/gen.chunk.*")
+
+
 def write_shards(gen_dir, shards):
     gen_dir.mkdir(exist_ok=True)
     for shard, lines in shards.items():
@@ -252,7 +289,7 @@ def write_shards(gen_dir, shards):
 
 
 def merge(gen_dir, *extra, out=None):
-    out = out or gen_dir / "all_gen.jsonl"
+    out = out or os.path.join(gen_dir, "all_gen.jsonl")
     merge_gen_data.main(["--gen_dir", str(gen_dir), "--out", str(out), *extra])
     return [json.loads(line) for line in open(out)]
 

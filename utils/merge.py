@@ -10,12 +10,13 @@ import random
 
 from utils.data import text_of, write_texts
 from utils.errors import InputError
-from utils.shards import complete_lines, read_meta, shard_paths
+from utils.shards import complete_lines, read_meta, shard_number, shard_paths
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="merge_gen_data.py", description=__doc__)
-    p.add_argument("--gen_dir", default="gen_data", help="directory of the gen.chunk.XX.jsonl shards")
+    p.add_argument("--gen_dir", default="gen_data", help="directory of the gen.chunk.XX.jsonl shards, or a comma "
+                   "list of them (several machines' shards: their union, each shard number once)")
     p.add_argument("--out", default="gen_data/all_gen.jsonl", help="merged file (what run_train.sh reads by default)")
     p.add_argument("--skip_bad", action="store_true", help="drop bad lines (and count them) instead of failing")
     p.add_argument("--dedup", action="store_true", help="drop repeated texts, keeping the first")
@@ -40,12 +41,32 @@ def read_shard(path, skip_bad):
     return texts, bad
 
 
+def union_of_shards(gen_dirs):
+    """The shards of every directory in shard order; a shard number found twice is refused (two machines ran
+    it), and start ids no shard covers are named (a machine's shards missing)."""
+    found = {}
+    for gen_dir in filter(None, gen_dirs.split(",")):
+        for path in shard_paths(gen_dir):
+            number = shard_number(path)
+            if number in found:
+                raise InputError(f"shard {number} is in two places: {found[number]} and {path}; keep one")
+            found[number] = path
+    if not found:
+        raise InputError(f"--gen_dir {gen_dirs!r}: no shards gen.chunk.XX.jsonl; run generate_data.py first")
+    paths = [found[n] for n in sorted(found)]
+    spans = sorted(tuple(m["start_ids"]) for m in map(read_meta, paths) if m and "start_ids" in m)
+    gaps = [(a_end, b_start) for (_, a_end), (b_start, _) in zip([(0, 0)] + spans, spans) if b_start > a_end]
+    if gaps:
+        print("note: start ids " + ", ".join(f"{a}-{b - 1}" for a, b in gaps) + " are in no shard (not generated, "
+              "or another machine's shards are missing)")
+    return paths
+
+
 def merge_shards(gen_dir="gen_data", out="gen_data/all_gen.jsonl", skip_bad=False, dedup=False, shuffle=False,
                  seed=0):
-    """Every shard of gen_dir into one {"text"} jsonl, written atomically; returns the number of lines written."""
-    paths = shard_paths(gen_dir)
-    if not paths:
-        raise InputError(f"--gen_dir {gen_dir!r}: no shards gen.chunk.XX.jsonl; run generate_data.py first")
+    """Every shard of gen_dir (a directory or a comma list of them) into one {"text"} jsonl, written atomically;
+    returns the number of lines written."""
+    paths = union_of_shards(gen_dir)
     if os.path.abspath(out) in map(os.path.abspath, paths):
         raise InputError(f"--out {out!r} is one of the shards; choose another file")
     texts, bad, seen, duplicates = [], 0, set(), 0

@@ -31,10 +31,15 @@ def meta_path(path):
     return path[: -len(".jsonl")] + ".meta.json"
 
 
+def shard_number(path):
+    """The shard number in a shard file's name, or None."""
+    m = SHARD_NAME.search(os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
 def shard_paths(gen_dir):
     """Every shard present, in shard order (numeric: 2 before 10)."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(gen_dir, GLOB))
-             if (m := SHARD_NAME.search(os.path.basename(p)))]
+    found = [(n, p) for p in glob.glob(os.path.join(gen_dir, GLOB)) if (n := shard_number(p)) is not None]
     return [p for _, p in sorted(found)]
 
 

@@ -7,7 +7,8 @@
 # Several machines: SHARDS=A-B (or A) runs only shards A..B of NUM_SHARDS; unset, with NNODES > 1 each node runs
 # the contiguous block of node NODE_RANK (0..NNODES-1), so the nodes cover every shard once; the merge then reads
 # all of them (one gen_data on a shared filesystem, or merge_gen_data.py --gen_dir a,b,...).
-# Environment: PYTHON (default python), LOG_DIR (per-shard logs, default gen_data/logs).
+# Environment: PYTHON (default python), LOG_DIR (per-shard logs, default gen_data/logs), PROGRESS_EVERY (seconds
+# between progress lines from the shards' logs, default 30; 0: none).
 # Waits for every shard; exit 1 naming the shards that failed. A rerun completes unfinished shards.
 cd "$(dirname "$0")" || exit 1
 PYTHON=${PYTHON:-python}
@@ -45,7 +46,7 @@ done
 
 mkdir -p "$LOG_DIR" || exit 1
 FAILED=$(mktemp) || exit 1
-trap 'rm -f "$FAILED"' EXIT
+trap 'rm -f "$FAILED"; [ -z "$MONITOR" ] || kill "$MONITOR" 2>/dev/null' EXIT
 
 # run_shard SHARD: one shard in the foreground, its output to its log; a failure is recorded.
 run_shard() {
@@ -75,6 +76,7 @@ if [ "$NGPU" -gt 0 ]; then
         s=$((s + NGPU))
       done
     ) &
+    PIDS="$PIDS $!"
     g=$((g + 1))
   done
 else
@@ -85,10 +87,24 @@ else
   s=$FIRST
   while [ "$s" -le "$LAST" ]; do
     run_shard "$s" "$@" &
+    PIDS="$PIDS $!"
     s=$((s + 1))
   done
 fi
-wait
+# every PROGRESS_EVERY seconds (default 30; 0: never) each running shard's latest progress line from its log
+progress() {
+  while sleep "$PROGRESS_EVERY" </dev/null >/dev/null 2>&1; do  # the sleep holds no pipe of the caller
+    for log in "$LOG_DIR"/gen.chunk.*.log; do
+      line=$(tail -c 400 "$log" 2>/dev/null | tr '\r' '\n' | grep -v '^ *$' | tail -n 1)
+      case "$line" in *"seq/s"*|*"s/seq"*|*"seq ["*) echo "  $line" ;; esac
+    done
+  done
+}
+PROGRESS_EVERY=${PROGRESS_EVERY:-30}
+MONITOR=""
+if [ "$PROGRESS_EVERY" != 0 ]; then progress & MONITOR=$!; fi
+for p in $PIDS; do wait "$p"; done
+[ -z "$MONITOR" ] || kill "$MONITOR" 2>/dev/null
 
 if [ -s "$FAILED" ]; then
   echo "error: shard(s) $(sort -n "$FAILED" | tr '\n' ' ')failed; see their logs in $LOG_DIR" >&2

@@ -69,6 +69,8 @@ def test_qat_kd_run_saves_a_quantized_student_and_loss_drops(one_proc):
     ppl = json.load(open(model_dir / "eval_results.json"))["perplexity"]
     assert 1 < ppl < 200, ppl
     assert "perplexity" in proc.stderr + proc.stdout
+    assert "***** Running training *****" in proc.stderr + proc.stdout
+    assert "Model config LlamaConfig" not in proc.stderr + proc.stdout  # once printed for every from_pretrained
 
 
 def test_fsdp_two_processes_really_shard_and_match_one_process(one_proc, two_proc):
@@ -206,6 +208,16 @@ def test_run_train_rejects_bad_bits_before_anything_starts(tmp_path, bits, bad):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and bad in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_the_papers_recipe_defaults_once():
+    out = run([sys.executable, "train.py", "--help"], REPO).stdout
+    flat = " ".join(out.split())
+    for flag, default in (("learning_rate", "2e-05"), ("lr_scheduler_type", "cosine"), ("num_train_epochs", "1.0"),
+                          ("per_device_train_batch_size", "1"), ("weight_decay", "0.0"), ("save_steps", "2000")):
+        assert re.search(rf"--{flag} \S+, --\S+ \S+ [^(]*\(the paper's recipe\) \(default: {re.escape(default)}\)",
+                         flat), flag
+    assert not re.search(r"\(default: [^)]*\) \(default:", flat)
 
 
 def test_run_train_usage(tmp_path):

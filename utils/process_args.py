@@ -14,18 +14,23 @@ from utils.precision import PRECISIONS
 from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
 
 
+def recipe(default, what):
+    """A TrainingArguments default set to the paper's recipe (reference section 3), shown by --help."""
+    return field(default=default, metadata={"help": f"{what} (the paper's recipe)"})
+
+
 @dataclass
 class ModelArguments:
     input_model_filename: str = field(
         default=EMBEDDED_MODEL, metadata={"help": "Local HF model directory; teacher and student start from it"})
     output_model_filename: str = field(
-        default=None, metadata={"help": "Name of the saved student under <local_dir>/models/ (default: W<w>A<a>KV<kv>)"})
+        default=None, metadata={"help": "Name of the saved student under <local_dir>/models/ (None: W<w>A<a>KV<kv>)"})
     local_dir: str = field(default="output", metadata={"help": "Root of the saved model: <local_dir>/models/<name>"})
     qat: bool = field(default=True, metadata={"help": "Fake-quantize the student (False: fine-tune the FP model)"})
     w_bits: int = field(default=32, metadata={"help": "Weight bits: 1-8, 16, or 32 (off)"})
     a_bits: int = field(default=32, metadata={"help": "Activation bits: 1-8, 16, or 32 (off; <=2 also off)"})
     kv_bits: int = field(default=32, metadata={"help": "KV-cache bits: 2-8, 16, or 32 (off)"})
-    kv_post_rope: bool = field(default=False, metadata={"help": "Quantize keys after RoPE (default: before, as the paper)"})
+    kv_post_rope: bool = field(default=False, metadata={"help": "Quantize keys after RoPE (False: before, as the paper)"})
     w_group_size: int = field(default=None, metadata={"help": "One weight scale per group of this many input columns "
                               "(e.g. 128, as deployable recipes; saved in config.json); default: per output channel, "
                               "the paper's"})
@@ -59,28 +64,28 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     output_dir: str = field(
-        default=None, metadata={"help": "Trainer checkpoints, resumed if present (default: "
+        default=None, metadata={"help": "Trainer checkpoints, resumed if present (None: "
                                 "<local_dir>/checkpoints/<output_model_filename>)"})
     model_max_length: int = field(default=2048, metadata={"help": "Training block length in tokens (capped at the "
                                                                    "model's max_position_embeddings)"})
-    logging_dir: str = field(default=None, metadata={"help": "TensorBoard events (default: "
+    logging_dir: str = field(default=None, metadata={"help": "TensorBoard events (None: "
                                                              "<local_dir>/runs/<output_model_filename>/<start time>)"})
     fsdp_transformer_layer_cls_to_wrap: str = field(
-        default=None, metadata={"help": "Decoder layer class FSDP wraps (default: the model's own, e.g. LlamaDecoderLayer)"})
+        default=None, metadata={"help": "Decoder layer class FSDP wraps (None: the model's own, e.g. LlamaDecoderLayer)"})
     # The paper's recipe as defaults (reference section 3); every other TrainingArguments flag works too.
     do_train: bool = field(default=True, metadata={"help": "Train (False: only --do_eval, e.g. of the RTN student)"})
     report_to: str = field(default="tensorboard", metadata={"help": "Where to log: tensorboard, none, ..."})
-    optim: str = field(default="adamw_torch")
-    num_train_epochs: float = field(default=1.0)
-    per_device_train_batch_size: int = field(default=1)
-    per_device_eval_batch_size: int = field(default=1)
-    learning_rate: float = field(default=2e-5)
-    lr_scheduler_type: str = field(default="cosine")
-    weight_decay: float = field(default=0.0)
-    logging_steps: float = field(default=1)
-    save_strategy: str = field(default="steps")
-    save_steps: float = field(default=2000)
-    save_total_limit: int = field(default=1)
+    optim: str = recipe("adamw_torch", "Optimizer")
+    num_train_epochs: float = recipe(1.0, "Passes over the training blocks")
+    per_device_train_batch_size: int = recipe(1, "Training blocks per device and step")
+    per_device_eval_batch_size: int = recipe(1, "Evaluation blocks per device")
+    learning_rate: float = recipe(2e-5, "Peak learning rate")
+    lr_scheduler_type: str = recipe("cosine", "Learning-rate schedule")
+    weight_decay: float = recipe(0.0, "AdamW weight decay")
+    logging_steps: float = recipe(1, "Log the loss every N steps")
+    save_strategy: str = recipe("steps", "When to write checkpoints")
+    save_steps: float = recipe(2000, "Checkpoint every N steps")
+    save_total_limit: int = recipe(1, "Checkpoints kept")
 
     precision: str = field(
         default="default", metadata={"help": "default: fp32 master weights, bf16 autocast with --bf16, the same "

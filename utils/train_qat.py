@@ -29,6 +29,9 @@ def setup_logging(training_args):
         level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     transformers.utils.logging.set_verbosity(level)
+    # the Trainer's INFO lines stay; the config dump of every from_pretrained (4 per run) does not
+    for name in ("configuration_utils", "modeling_utils", "generation.configuration_utils", "tokenization_utils_base"):
+        transformers.utils.logging.get_logger(f"transformers.{name}").setLevel(max(level, logging.WARNING))
 
 
 def check_inputs(model_args, training_args, final_dir):

@@ -4,6 +4,7 @@ And the bad inputs of the fault issue, table-driven: one `error:` line each, exi
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -89,6 +90,15 @@ def test_training_killed_mid_checkpoint_resumes_from_the_last_complete_one_bit_i
     assert os.path.isdir(ckpts / "torn-checkpoint-6")
     a, b = weights(plain), weights(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # killed during the final save (the student's temporary directory about to be renamed): the rerun
+    # resumes from checkpoint-6 and saves the same student
+    final = tmp_path / "final"
+    killed("commit_dir", *train_cmd(final)[1:])
+    assert not (final / "models" / "W4A8KV4").exists() and hidden(final / "models") == [".W4A8KV4.tmp-save"]
+    proc = run_cli(train_cmd(final))
+    assert "resuming from" in proc.stderr and hidden(final / "models") == []
+    c = weights(final)
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     # a different run never resumes these checkpoints: one line, nothing trained
     shutil.rmtree(broken / "models" / "W4A8KV4")  # as the "exists" error says
     proc = run_cli(train_cmd(broken, "--learning_rate", "1e-4"), check=False)
@@ -166,3 +176,105 @@ def test_run_train_with_a_broken_config_is_one_line(tmp_path):
     proc = run_cli(["sh", "run_train.sh", "4", "8", "4"], env={"MODEL": bad_model(tmp_path)}, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "cannot read its config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- full disks: a tmpfs of a few KB / MB (needs root to mount; skipped with the reason otherwise) ----
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a directory on a fresh tmpfs of that size; resize(size) grows it, as freeing space would."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(size):
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}): the full-disk cases "
+                        "need one (root)")
+        return disk
+
+    def resize(size):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+    yield mount, resize
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def disk_full_line(proc):
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "no space left on device" in line and "rerun the same command" in line, line
+
+
+def fill(path, leave=0):
+    """Fill the disk holding path until at most `leave` bytes are free (a file that can be deleted later)."""
+    with open(path, "wb") as f:
+        try:
+            while os.statvfs(path).f_bavail * os.statvfs(path).f_frsize > leave:
+                f.write(b"\0" * 1024)
+                f.flush()
+        except OSError:
+            pass
+
+
+def files(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def test_full_disk_merge_export_eval_and_generation_one_line_nothing_trusted_and_the_rerun_completes(
+        small_disk, tmp_path):
+    from transformers import AutoTokenizer
+    from models.quant_model import QuantSetting, load_model
+    mount, resize = small_disk
+    disk = mount("64k")
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "gen.chunk.00.jsonl").write_text("".join(json.dumps({"text": f"{i} " + "x" * 1000}) + "\n"
+                                                    for i in range(200)))
+    merge = [sys.executable, "merge_gen_data.py", "--gen_dir", str(gen), "--out", str(disk / "all.jsonl")]
+    disk_full_line(run_cli(merge, check=False))
+    assert files(disk) == []  # no torn output, no temporary file
+    qat = tmp_path / "qat"
+    QuantSetting(4, 8, 4).apply(load_model(EMBEDDED_MODEL)).save_pretrained(qat)
+    AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(qat)
+    export = [sys.executable, "export.py", str(qat), str(disk / "exported")]
+    disk_full_line(run_cli(export, check=False))
+    assert files(disk) == [] and hidden(disk) == []
+    fill(disk / "filler")
+    evaluate = [sys.executable, "eval.py", EMBEDDED_MODEL, "--seq_len", "64", "--max_windows", "2", "--output_json",
+                str(disk / "r.json")]
+    disk_full_line(run_cli(evaluate, check=False))
+    assert files(disk) == ["filler"]
+    (disk / "filler").unlink()
+    # generation: a shard torn by the full disk is completed by the rerun, the same as an uninterrupted run
+    generate = [sys.executable, "generate_data.py", "0", "--n_vocab", "48", "--max_length", "96", "--prefix_lengths",
+                "3", "4"]
+    run_cli([*generate, "--out_dir", str(tmp_path / "plain")])
+    fill(disk / "filler", leave=24 * 1024)
+    disk_full_line(run_cli([*generate, "--out_dir", str(disk / "gen")], check=False))
+    (disk / "filler").unlink()
+    resize("8m")  # space freed: every command reruns as it was
+    run_cli([*generate, "--out_dir", str(disk / "gen")])
+    shard = (disk / "gen" / "gen.chunk.00.jsonl").read_text()
+    assert shard == (tmp_path / "plain" / "gen.chunk.00.jsonl").read_text() and shard.count("\n") == 96
+    run_cli(merge)
+    assert (disk / "all.jsonl").read_text().count("\n") == 200
+    assert "max_logit_diff 0" in run_cli(export).stdout
+    run_cli(evaluate)
+    assert json.loads((disk / "r.json").read_text())["ppl"]["shakespeare_eval"]["windows"] == 2
+    assert hidden(disk) == []
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_trains_the_same_student(small_disk, tmp_path):
+    mount, resize = small_disk
+    disk = mount("40m")  # the fp32 student (16 MB) fits, its checkpoint with the optimizer state (48 MB) does not
+    plain = tmp_path / "plain"
+    run_cli(train_cmd(plain))
+    disk_full_line(run_cli(train_cmd(disk), check=False))
+    assert not (disk / "models" / "W4A8KV4").exists()
+    resize("400m")
+    proc = run_cli(train_cmd(disk))
+    assert "checkpoint-3 is incomplete" in proc.stderr  # set aside, not resumed
+    a, b = weights(plain), weights(disk)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -8,6 +8,7 @@ written, or a run killed mid-line). It is never data: the generator cuts it when
 merge, the training data) skip it with a warning naming the file. A last line that parses is whole (the
 generator adds its newline back). Any other bad line is an error.
 """
+import errno
 import fcntl
 import glob
 import json
@@ -134,7 +135,7 @@ class ShardFile:
         # One write() per line on an O_APPEND file: a kill leaves whole lines, or one torn last line.
         data = (json.dumps(record) + "\n").encode("utf-8")
         if os.write(self.fd, data) != len(data):  # a short write (full disk): the rerun cuts the torn line
-            raise OSError(f"{self.path}: short write (disk full?)")
+            raise OSError(errno.ENOSPC, "short write (disk full?)", self.path)
 
     def sync(self):
         os.fsync(self.fd)

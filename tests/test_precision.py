@@ -2,13 +2,12 @@
 original's pure-bf16 regime under both, and the contradictions refused before any work."""
 import json
 import math
-import subprocess
 import sys
 
 import pytest
 from safetensors import safe_open
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 PROBE = "tests/workers/precision_probe.py"
 SHORT = ["--qat", "True", "--w_bits", "4", "--a_bits", "8", "--kv_bits", "4", "--model_max_length", "64",
@@ -76,7 +75,9 @@ def test_original_regime_trains_pure_bf16_under_one_and_two_processes(tmp_path):
     (["--precision", "fp8"], "error: argument --precision: invalid choice: 'fp8'"),
 ])
 def test_precision_contradictions_are_one_line_before_any_work(tmp_path, flags, message):
-    proc = subprocess.run([sys.executable, "train.py", "--local_dir", str(tmp_path / "out"), *flags], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-800:]
+    from utils.errors import cli
+    from utils.process_args import process_args
+    with pytest.raises(SystemExit) as e:  # train.py's own path: cli(process_args), in this process
+        cli(lambda: process_args(["--local_dir", str(tmp_path / "out"), *flags]))
+    assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code), e.value.code
     assert not (tmp_path / "out").exists()

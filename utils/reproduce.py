@@ -58,7 +58,7 @@ TINY = Profile(
         # start ids: range(*start_ids) for every mode
         "full": dict(start_ids=(0, 2048), gen_length=256, blocks=1536, epochs=1, lr=2e-5, eval_windows=None,
                      limit=None),
-        "quick": dict(start_ids=(320, 384), gen_length=128, blocks=24, epochs=3, lr=2e-5, eval_windows=96, limit=60),
+        "quick": dict(start_ids=(320, 384), gen_length=128, blocks=24, epochs=3, lr=2e-5, eval_windows=48, limit=30),
     })
 SMOLLM2 = Profile(
     "smollm2", "smollm2_table", "SmolLM2-135M (a real pretrained LLaMA)", ("4-8-4", "4-8-8", "4-16-16", "8-8-8"),

@@ -22,17 +22,14 @@ case "$1" in
     N=$1; shift ;;
   *) if [ "$NGPU" -gt 0 ]; then N=$NGPU; else N=1; fi ;;
 esac
-bad() { echo "error: $1" >&2; exit 1; }
-count() { case "$1" in ''|*[!0-9]*) return 1 ;; esac; [ "$1" -ge "$2" ]; }  # an integer >= $2
+. utils/nodes.sh
 FIRST=0 LAST=$((N - 1))
 if [ -n "$SHARDS" ]; then
   case "$SHARDS" in *-*) FIRST=${SHARDS%-*} LAST=${SHARDS#*-} ;; *) FIRST=$SHARDS LAST=$SHARDS ;; esac
   { count "$FIRST" 0 && count "$LAST" "$FIRST" && [ "$LAST" -lt "$N" ]; } ||
     bad "SHARDS=$SHARDS is not allowed; use A-B or A with 0 <= A <= B < NUM_SHARDS=$N"
 elif [ "${NNODES:-1}" != 1 ]; then
-  count "$NNODES" 1 || bad "NNODES=$NNODES is not allowed; use a positive integer (the number of nodes)"
-  { count "$NODE_RANK" 0 && [ "$NODE_RANK" -lt "$NNODES" ]; } ||
-    bad "NODE_RANK=${NODE_RANK:-(unset)} is not allowed; use 0..$((NNODES - 1)) (this node's rank of NNODES=$NNODES)"
+  check_nodes
   PER=$(((N + NNODES - 1) / NNODES))
   FIRST=$((NODE_RANK * PER)) LAST=$((NODE_RANK * PER + PER - 1))
   [ "$LAST" -lt "$N" ] || LAST=$((N - 1))

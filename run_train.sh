@@ -11,14 +11,11 @@ usage="usage: sh $0 W A KV [train.py args]   (bits: 1-8, 16 or 32)"
 [ $# -ge 3 ] || { echo "$usage" >&2; exit 1; }
 W=$1 A=$2 KV=$3; shift 3
 
-bad() { echo "error: $1" >&2; exit 1; }
-count() { case "$1" in ''|*[!0-9]*) return 1 ;; esac; [ "$1" -ge "$2" ]; }  # an integer >= $2
+. utils/nodes.sh
 NNODES=${NNODES:-1}
-count "$NNODES" 1 || bad "NNODES=$NNODES is not allowed; use a positive integer (the number of nodes)"
+check_nodes
 [ -z "$NPROC" ] || count "$NPROC" 1 || bad "NPROC=$NPROC is not allowed; use a positive integer (processes per node)"
 if [ "$NNODES" -gt 1 ]; then
-  { count "$NODE_RANK" 0 && [ "$NODE_RANK" -lt "$NNODES" ]; } ||
-    bad "NODE_RANK=${NODE_RANK:-(unset)} is not allowed; use 0..$((NNODES - 1)) (this node's rank of NNODES=$NNODES)"
   [ -n "$MASTER_ADDR" ] || bad "MASTER_ADDR is unset; with NNODES=$NNODES set it to node 0's address on every node"
   MASTER_PORT=${MASTER_PORT:-29500}
   { count "$MASTER_PORT" 1 && [ "$MASTER_PORT" -le 65535 ]; } || bad "MASTER_PORT=$MASTER_PORT is not allowed; use 1-65535"

@@ -30,10 +30,13 @@ def cli(main):
     """Run an entry point: an InputError, or a full disk, becomes one `error:` line (from rank 0 only), exit 1, no
     traceback. Every writer goes through a temporary file or directory, so what a full disk interrupted is not
     left where a rerun would trust it: free some space and rerun the same command."""
+    def fail(line):
+        sys.exit(f"error: {line}" if os.environ.get("RANK", "0") == "0" else 1)
+
     try:
         return main()
     except InputError as e:
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+        fail(e)
     except Exception as e:
         found = disk_full(e)
         if found is None:
@@ -44,5 +47,4 @@ def cli(main):
         else:
             reason = str(full).strip().splitlines()[-1] if str(full).strip() else type(full).__name__
             what = f"a write failed ({reason}), most likely no space left on device"
-        sys.exit(f"error: {what}; free some space and rerun the same command (it resumes from what was complete)"
-                 if os.environ.get("RANK", "0") == "0" else 1)
+        fail(f"{what}; free some space and rerun the same command (it resumes from what was complete)")

@@ -27,7 +27,8 @@ PRECISIONS = ("default", "original")
 
 
 def check(precision, load_dtype):
-    """The student's load dtype under a precision regime (one error line for a contradiction)."""
+    """The student's load dtype under a precision regime (one error line for a contradiction): the one place
+    it is decided (complete_args stores it as model_args.load_dtype)."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     want = "bfloat16" if precision == "original" else "float32"
@@ -49,11 +50,7 @@ def setup(args):
 
 
 def is_original(args):
-    return getattr(args, "precision", "default") == "original"
-
-
-def student_dtype(args):
-    return torch.bfloat16 if is_original(args) else torch.float32
+    return args.precision == "original"
 
 
 def teacher_dtype(args):

@@ -80,7 +80,7 @@ def run(model_args, data_args, training_args, callbacks=None):
         logger.warning("rank %d: building the models without weights; rank 0 broadcasts them",
                        training_args.process_index)
     # one precision policy for every launch (utils/precision.py)
-    student = load_model(path, dtype=precision.student_dtype(training_args), empty=empty,
+    student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty,
                          **precision.model_kwargs(training_args))
     if model_args.qat:
         setting.apply(student)

@@ -79,31 +79,53 @@ def weights(out):
     return load_file(os.path.join(out, "models", "W4A8KV4", "model.safetensors"))
 
 
-def test_training_killed_mid_checkpoint_resumes_from_the_last_complete_one_bit_identically(tmp_path):
-    plain, broken = tmp_path / "plain", tmp_path / "broken"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The student of train_cmd run once without faults: what every killed-and-rerun training must save."""
+    plain = tmp_path_factory.mktemp("plain")
     run_cli(train_cmd(plain))
-    killed("trainer_state:2", *train_cmd(broken)[1:])  # checkpoint-6 torn: model and optimizer, no trainer_state
-    ckpts = broken / "checkpoints" / "W4A8KV4"
-    assert sorted(p for p in os.listdir(ckpts) if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6"]
-    proc = run_cli(train_cmd(broken))
+    return weights(plain)
+
+
+def same_student(a, out):
+    b = weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def checkpoints(ckpts):
+    return sorted(p for p in os.listdir(ckpts) if p.startswith("checkpoint"))
+
+
+def test_training_killed_mid_run_resumes_from_its_last_checkpoint_bit_identically(tmp_path, uninterrupted):
+    killed("training_step:5", *train_cmd(tmp_path)[1:])  # step 5: checkpoint-3 complete, steps 4-5 lost
+    assert checkpoints(tmp_path / "checkpoints" / "W4A8KV4") == ["checkpoint-3"]
+    proc = run_cli(train_cmd(tmp_path))
+    assert "resuming from" in proc.stderr and "checkpoint-3" in proc.stderr
+    same_student(uninterrupted, tmp_path)
+
+
+def test_training_killed_mid_checkpoint_resumes_from_the_last_complete_one_bit_identically(tmp_path, uninterrupted):
+    killed("trainer_state:2", *train_cmd(tmp_path)[1:])  # checkpoint-6 torn: model and optimizer, no trainer_state
+    ckpts = tmp_path / "checkpoints" / "W4A8KV4"
+    assert checkpoints(ckpts) == ["checkpoint-3", "checkpoint-6"]
+    proc = run_cli(train_cmd(tmp_path))
     assert "checkpoint-6 is incomplete" in proc.stderr and "resuming from" in proc.stderr
     assert os.path.isdir(ckpts / "torn-checkpoint-6")
-    a, b = weights(plain), weights(broken)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # killed during the final save (the student's temporary directory about to be renamed): the rerun
-    # resumes from checkpoint-6 and saves the same student
-    final = tmp_path / "final"
-    killed("commit_dir", *train_cmd(final)[1:])
-    assert not (final / "models" / "W4A8KV4").exists() and hidden(final / "models") == [".W4A8KV4.tmp-save"]
-    proc = run_cli(train_cmd(final))
-    assert "resuming from" in proc.stderr and hidden(final / "models") == []
-    c = weights(final)
-    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    same_student(uninterrupted, tmp_path)
     # a different run never resumes these checkpoints: one line, nothing trained
-    shutil.rmtree(broken / "models" / "W4A8KV4")  # as the "exists" error says
-    proc = run_cli(train_cmd(broken, "--learning_rate", "1e-4"), check=False)
+    shutil.rmtree(tmp_path / "models" / "W4A8KV4")  # as the "exists" error says
+    proc = run_cli(train_cmd(tmp_path, "--learning_rate", "1e-4"), check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "written by another run (learning_rate differ)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_killed_during_the_final_save_resumes_and_saves_the_same_student(tmp_path, uninterrupted):
+    # the student's temporary directory about to be renamed into place
+    killed("commit_dir", *train_cmd(tmp_path)[1:])
+    assert not (tmp_path / "models" / "W4A8KV4").exists() and hidden(tmp_path / "models") == [".W4A8KV4.tmp-save"]
+    proc = run_cli(train_cmd(tmp_path))
+    assert "resuming from" in proc.stderr and hidden(tmp_path / "models") == []
+    same_student(uninterrupted, tmp_path)
 
 
 def test_evaluation_alone_does_not_overwrite_the_trained_models_results(tmp_path):
@@ -203,8 +225,7 @@ def small_disk(tmp_path):
 
 def disk_full_line(proc):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    # the last line, but for a progress bar that tqdm redraws as the interpreter exits
-    line = [x for x in proc.stderr.splitlines() if x.strip() and "it/s]" not in x and "s/it]" not in x][-1]
+    line = proc.stderr.strip().splitlines()[-1]  # the last line: open progress bars are closed before it
     assert line.startswith("error: ") and "no space left on device" in line and "rerun the same command" in line, line
 
 
@@ -267,15 +288,13 @@ def test_full_disk_merge_export_eval_and_generation_one_line_nothing_trusted_and
     assert hidden(disk) == []
 
 
-def test_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_trains_the_same_student(small_disk, tmp_path):
+def test_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_trains_the_same_student(small_disk, tmp_path,
+                                                                                          uninterrupted):
     mount, resize = small_disk
     disk = mount("40m")  # the fp32 student (16 MB) fits, its checkpoint with the optimizer state (48 MB) does not
-    plain = tmp_path / "plain"
-    run_cli(train_cmd(plain))
     disk_full_line(run_cli(train_cmd(disk), check=False))
     assert not (disk / "models" / "W4A8KV4").exists()
     resize("400m")
     proc = run_cli(train_cmd(disk))
     assert "checkpoint-3 is incomplete" in proc.stderr  # set aside, not resumed
-    a, b = weights(plain), weights(disk)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same_student(uninterrupted, disk)

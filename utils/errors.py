@@ -26,11 +26,20 @@ def disk_full(e):
     return None
 
 
+def close_progress_bars():
+    """Close the bars an exception left open now, so that tqdm does not redraw them after the error line as the
+    interpreter exits (the error line stays the last line). tqdm lists its live bars only in `_instances`."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def cli(main):
     """Run an entry point: an InputError, or a full disk, becomes one `error:` line (from rank 0 only), exit 1, no
     traceback. Every writer goes through a temporary file or directory, so what a full disk interrupted is not
     left where a rerun would trust it: free some space and rerun the same command."""
     def fail(line):
+        close_progress_bars()
         sys.exit(f"error: {line}" if os.environ.get("RANK", "0") == "0" else 1)
 
     try:

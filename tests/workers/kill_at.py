@@ -6,6 +6,7 @@ kills at a deterministic moment (never after some elapsed time).
 POINT: replace     models.io about to rename a finished temporary file into place (merge, eval's json)
        commit_dir  a finished temporary directory about to be renamed into place (export, the saved student)
        append      generation about to append a sequence to its shard
+       training_step  the Trainer about to run a training step (killed mid-run, between checkpoints)
        trainer_state  the Trainer about to write trainer_state.json, the last file of a checkpoint (the model
                    and optimizer are written: the checkpoint is torn)
 N: kill at the N-th time the point is reached (default 1).
@@ -47,6 +48,10 @@ elif point == "append":  # generation: before the N-th sequence is appended to i
     from utils.shards import ShardFile
     original = ShardFile.append
     ShardFile.append = reached
+elif point == "training_step":
+    from transformers import Trainer
+    original = Trainer.training_step
+    Trainer.training_step = reached
 elif point == "trainer_state":
     from transformers.trainer_callback import TrainerState
     original = TrainerState.save_to_json

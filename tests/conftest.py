@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Two xdist workers on two cores (pytest.ini): one thread each, in every test process and every process a
+# test launches (two 2-thread torch pools on 2 cores stall in each other's spin-waits).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 REPO_PATH = Path(__file__).resolve().parent.parent
 REPO = str(REPO_PATH)
 SMOLLM2_CACHED = os.path.isfile(os.path.expanduser("~/.cache/llm-qat/models/smollm2/model.safetensors"))
@@ -37,7 +43,11 @@ def tokens():
     return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-def run_cli(cmd, cwd=REPO, env=None, check=True, timeout=3000):
+# every subprocess's limit: CI's whole budget, so that a slow machine never fails a test (only a hung one would)
+TIMEOUT = 5400
+
+
+def run_cli(cmd, cwd=REPO, env=None, check=True, timeout=TIMEOUT):
     """Run a command as a user would (offline, this interpreter first on PATH); returns the CompletedProcess.
     check: fail the test with the command's output unless it exits 0."""
     full_env = {**os.environ, **OFFLINE, "PYTHON": sys.executable,
@@ -46,6 +56,19 @@ def run_cli(cmd, cwd=REPO, env=None, check=True, timeout=3000):
     if check:
         assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+# The longest files first (pytest.ini: --no-loadscope-reorder keeps this order): xdist hands whole files to its
+# two workers in this order, and queues the next file on a worker with at most 2 tests pending, so the two
+# single-fixture files start at once, each with a short file queued behind it, and the rest fill in around
+# them (else one long file runs alone at the end).
+LONGEST_FIRST = ("test_readme.py", "test_reproduce.py", "test_io.py", "test_quantizers.py", "test_train.py",
+                 "test_faults.py", "test_real_model.py", "test_generate.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from models.quant_model import QuantSetting
 from utils.evaluate import load_for_eval, main as evaluate_main, perplexity
 from utils.constants import EMBEDDED_MODEL
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, TIMEOUT  # noqa: E402
 
 
 class Bigram(torch.nn.Module):
@@ -102,7 +102,7 @@ def test_bad_input_one_error_line(tmp_path, monkeypatch, argv, message):
 def test_cli_prints_and_writes_json(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "eval.py", *eval_argv("--output_json", str(out))], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     assert "perplexity shakespeare_eval:" in proc.stdout and "(6 windows of 128 tokens)" in proc.stdout
     import json

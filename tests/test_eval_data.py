@@ -13,7 +13,7 @@ import prepare_eval_data
 from utils import eval_data
 from utils.data import load_blocks, read_texts
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, TIMEOUT  # noqa: E402
 SCRIPT = os.path.join(REPO, "prepare_eval_data.py")
 # wiki.test.raw's shape: " = Title = " headings, blank lines " \n"; \u2028 must not split a row
 RAW = " \n = Robert Boulter = \n \n Robert Boulter is an English actor .\u2028 He @-@ starred .\n \n = = Career = = \n"
@@ -44,7 +44,7 @@ def write_c4(path, docs, zipped=True):
 
 def run_script(*args, cwd):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def test_raw_rows_match_the_hf_loader(tmp_path):

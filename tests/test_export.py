@@ -21,7 +21,7 @@ from models.packing import pack, unpack
 from models.quant_model import QuantSetting, load_exported, load_model
 from models.utils_quant import QuantizeLinear, quantize_weight, weight_grid
 
-from conftest import REPO, REPO_PATH as ROOT  # noqa: E402
+from conftest import REPO, TIMEOUT, REPO_PATH as ROOT  # noqa: E402
 # 343: odd row length for the down projection (4-bit rows end mid-byte, 3-bit rows mid-word)
 TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=343, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
@@ -156,7 +156,7 @@ def test_export_cli_w4_bit_exact_logits_size_and_generation(tmp_path, tokenizer,
     snippet = re.search(r'PYTHONPATH=/path/to/LLM-QAT python -c "\n(.*?)"\n```', doc, re.S).group(1)
     proc = subprocess.run([sys.executable, "-c", snippet.replace("output/exported/W4A8KV4", str(out))],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=TIMEOUT)
     assert proc.returncode == 0 and "ROMEO:" in proc.stdout, proc.stderr[-2000:]
 
 

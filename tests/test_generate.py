@@ -19,7 +19,7 @@ import merge_gen_data
 from utils.decode import Sampling, generate_batch
 from utils.generate import load_generator as load_model, sequence_seed, shard_ids
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, TIMEOUT  # noqa: E402
 VOCAB, EOS = 384, 2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in and out of process: same numerics
 
@@ -216,7 +216,7 @@ def test_bad_arguments_one_error_line_nothing_written(tiny_model, tmp_path, argv
 
 def test_missing_model_exits_1_with_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "generate_data.py", "0", "--model", str(tmp_path / "nope"), "--out_dir",
-                           str(tmp_path / "out")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "out")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: model {str(tmp_path / 'nope')!r}: not a local Hugging Face model " \
                                   "directory (no config.json)"
@@ -233,7 +233,7 @@ def test_shard_slices_cover_the_vocabulary_once():
 def test_launcher_runs_every_shard_and_reports_failures(tiny_model, tmp_path):
     def launch(*args):
         return subprocess.run(["sh", "run_generate.sh", *args, "--model", str(tiny_model), "--max_length", "8",
-                               "--prefix_lengths", "3"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                               "--prefix_lengths", "3"], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
                               env={**ENV, "PYTHON": sys.executable, "LOG_DIR": str(tmp_path / "logs")})
     ok = launch("2", "--out_dir", str(tmp_path / "ok"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -251,7 +251,7 @@ def test_nodes_run_their_slice_of_the_shards_and_the_merge_takes_the_union(tiny_
     def launch(out, **env):
         return subprocess.run(["sh", "run_generate.sh", "4", "--model", str(tiny_model), "--max_length", "6",
                                "--prefix_lengths", "3", "--out_dir", str(out)], cwd=REPO, capture_output=True,
-                              text=True, timeout=300, env={**ENV, "PYTHON": sys.executable,
+                              text=True, timeout=TIMEOUT, env={**ENV, "PYTHON": sys.executable,
                                                            "LOG_DIR": str(out / "logs"), **env})
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     a, b = launch(node0, SHARDS="0-1"), launch(node1, NNODES="2", NODE_RANK="1")
@@ -337,7 +337,7 @@ def test_merge_failure_keeps_the_previous_output(tmp_path):
     merge(gen)
     write_shards(gen, {1: ["oops\n"]})
     proc = subprocess.run([sys.executable, "merge_gen_data.py", "--gen_dir", str(gen), "--out",
-                           str(gen / "all_gen.jsonl")], cwd=REPO, capture_output=True, text=True, timeout=60)
+                           str(gen / "all_gen.jsonl")], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and f"{gen / 'gen.chunk.01.jsonl'}:1" in proc.stderr
     assert (gen / "all_gen.jsonl").read_text() == '{"text": "x"}\n'
 

@@ -16,7 +16,7 @@ from models.gguf_writer import grid_blocks
 from models.quant_model import QuantSetting, load_model
 from models.utils_quant import weight_grid
 
-from conftest import REPO_PATH, run_cli
+from conftest import REPO_PATH, TIMEOUT, run_cli
 
 SMALL = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -147,7 +147,7 @@ def test_llama_cpp_runs_the_gguf_with_our_logits_and_tokens(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a ~30 min source build: see "
                         "docs/export.md); this check runs where it is")
     out = subprocess.run([sys.executable, str(REPO_PATH / "benchmarks" / "llama_cpp_check.py"), "--quick",
-                          "--work_dir", str(tmp_path)], capture_output=True, text=True, timeout=1800)
+                          "--work_dir", str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1].split(" ", 1)[1])
     assert result["tokens_equal"] and result["max_logit_diff_rel"] < 0.05

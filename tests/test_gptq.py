@@ -10,7 +10,7 @@ import torch
 
 from models.gptq import gptq_model, gptq_weight, grid
 from models.utils_quant import sym_quant
-from conftest import FAMILIES, TINY, tiny
+from conftest import FAMILIES, TIMEOUT, TINY, tiny
 from utils.constants import EMBEDDED_MODEL
 
 from conftest import REPO  # noqa: E402
@@ -70,7 +70,7 @@ def test_eval_cli_gptq_beats_rtn_at_3_bits(tmp_path):
         cmd = [sys.executable, os.path.join(REPO, "eval.py"), EMBEDDED_MODEL, "--w_bits", "3", "--seq_len", "256",
                "--max_windows", "24",
                "--calib_windows", "16", "--output_json", str(out)] + (["--gptq"] if method == "GPTQ" else [])
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # no gen_data/ there
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)  # no gen_data/ there
         assert proc.returncode == 0, proc.stderr[-3000:]
         r = json.load(open(out))
         assert (r["method"], r["bits"]) == (method, "3-32-32")

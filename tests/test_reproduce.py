@@ -8,7 +8,7 @@ import pytest
 
 from utils.reproduce import BITS, rows_to_run
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, TIMEOUT  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end: pytest -m "not slow" skips it
 
@@ -19,7 +19,7 @@ def quick(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("work")
     proc = subprocess.run(["sh", "reproduce_tiny.sh", "--quick", "--out_dir", str(out), "--work_dir", str(work)],
                           cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
-                          timeout=1800)
+                          timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, work, proc
 
@@ -49,9 +49,9 @@ def test_rerun_resumes_from_saved_rows_and_refuses_other_settings(quick):
     before = (out / "tiny_table.json").read_text()
     proc = subprocess.run(["sh", "reproduce_tiny.sh", "--quick", "--out_dir", str(out), "--work_dir", str(work)],
                           cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=TIMEOUT)
     assert proc.returncode == 0 and (out / "tiny_table.json").read_text() == before
     assert proc.stdout.count("(done before)") == len(rows_to_run())
     full = subprocess.run(["sh", "reproduce_tiny.sh", "--out_dir", str(out), "--work_dir", str(work)], cwd=REPO,
-                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=TIMEOUT)
     assert full.returncode == 1 and "holds a run with other settings" in full.stderr

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TIMEOUT
 
 pytestmark = pytest.mark.slow  # end-to-end: pytest -m "not slow" skips it
 
@@ -16,7 +16,7 @@ def test_sharded_teacher_holds_half_and_gives_identical_logits(tmp_path):
     out = tmp_path / "seen.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO, "tests", "workers", "shard_teacher.py"), str(out), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.load(open(out))
     assert seen["no_fsdp"] is False  # no FSDP: the teacher is left whole

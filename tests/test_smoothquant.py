@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.quant_model import QuantSetting
 from models.smoothquant import GROUPS, activation_absmax, smooth
-from conftest import FAMILIES, TINY, tiny as tiny_model
+from conftest import FAMILIES, TIMEOUT, TINY, tiny as tiny_model
 from utils.constants import EMBEDDED_MODEL
 
 from conftest import REPO  # noqa: E402
@@ -94,7 +94,7 @@ def test_eval_cli_smoothquant(tmp_path):
            "--kv_bits", "8",
            "--smoothquant", "0.5", "--calib_windows", "4", "--calib_seq_len", "1024", "--seq_len", "128",
            "--max_windows", "4", "--output_json", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # no gen_data/ there
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)  # no gen_data/ there
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SmoothQuant: calibrated on 4 windows of 512 tokens, alpha 0.5" in proc.stdout  # capped at max_position_embeddings
     r = json.load(open(out))

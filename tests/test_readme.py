@@ -38,9 +38,9 @@ def pipeline_commands():
 
 
 def table():
-    """row text -> ppl of the README's first table (the embedded model)."""
+    """row name (its text before a comma or parenthesis) -> ppl of the README's first table (the embedded model)."""
     rows = re.findall(r"^\| ([^|]+) \| [\d-]+ \| ([\d.]+) \|$", README.split("## The pipeline")[0], re.M)
-    return {name: float(ppl) for name, ppl in rows}
+    return {text.split(",")[0].split(" (")[0]: float(ppl) for text, ppl in rows}
 
 
 def ppl_printed(proc):
@@ -61,8 +61,7 @@ def test_the_readme_commands_run_in_order_on_a_fresh_copy_and_print_its_figures(
         assert "Traceback" not in procs[-1].stderr and "resuming from" not in procs[-1].stderr, command
     print("\n".join(f"{s:6.1f} s  {c}" for s, c in zip(seconds, commands)))  # the README's timings (pytest -s)
     real, fp, rtn, _, llm_qat, evaluated, exported, gguf = procs
-    rows = table()
-    figure = {row.split(",")[0].split(" (")[0]: ppl for row, ppl in rows.items()}
+    figure = table()
     printed = {"full precision": ppl_printed(fp), "round-to-nearest": ppl_printed(rtn),
                "QAT on real text": ppl_printed(real), "LLM-QAT on 600 self-generated sequences": ppl_printed(llm_qat)}
     for name, ppl in printed.items():

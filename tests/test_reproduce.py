@@ -1,27 +1,23 @@
 """reproduce_tiny.sh --quick: every row, the three files, LLM-QAT 4-8-4 beating RTN 4-8-4; resume."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from utils.reproduce import BITS, rows_to_run
 
-from conftest import REPO, TIMEOUT  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end: pytest -m "not slow" skips it
 
+
+def reproduce(out, work, *flags, check=True):
+    return run_cli(["sh", "reproduce_tiny.sh", *flags, "--out_dir", str(out), "--work_dir", str(work)], check=check)
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("work")
-    proc = subprocess.run(["sh", "reproduce_tiny.sh", "--quick", "--out_dir", str(out), "--work_dir", str(work)],
-                          cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, work, proc
+    return out, work, reproduce(out, work, "--quick")
 
 
 def test_quick_run_writes_every_row_and_llm_qat_beats_rtn(quick):
@@ -47,11 +43,8 @@ def test_quick_run_writes_every_row_and_llm_qat_beats_rtn(quick):
 def test_rerun_resumes_from_saved_rows_and_refuses_other_settings(quick):
     out, work, _ = quick
     before = (out / "tiny_table.json").read_text()
-    proc = subprocess.run(["sh", "reproduce_tiny.sh", "--quick", "--out_dir", str(out), "--work_dir", str(work)],
-                          cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    assert proc.returncode == 0 and (out / "tiny_table.json").read_text() == before
+    proc = reproduce(out, work, "--quick")
+    assert (out / "tiny_table.json").read_text() == before
     assert proc.stdout.count("(done before)") == len(rows_to_run())
-    full = subprocess.run(["sh", "reproduce_tiny.sh", "--out_dir", str(out), "--work_dir", str(work)], cwd=REPO,
-                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=TIMEOUT)
+    full = reproduce(out, work, check=False)
     assert full.returncode == 1 and "holds a run with other settings" in full.stderr

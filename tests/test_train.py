@@ -294,16 +294,15 @@ def test_group_wise_weights_pass_through_to_the_saved_model(tmp_path):
 def test_interrupted_run_resumes_from_its_last_checkpoint_under_fsdp(tmp_path):
     """Under 2-process FSDP (sharded optimizer state, rank 1 built without weights): the resumed run logs the
     same losses as the uninterrupted one (one process, killed with SIGKILL: tests/test_faults.py)."""
-    nproc = "2"
     args = ["sh", "run_train.sh", "4", "8", "4", *SHORT, "--max_steps", "4", "--save_steps", "2",
             "--save_total_limit", "2", "--do_eval", "False", "--shuffle", "False",
-            "--per_device_train_batch_size", str(4 // int(nproc))]
-    run(args, tmp_path, env={"NPROC": nproc})
+            "--per_device_train_batch_size", "2"]  # 2 per process: batches of 4
+    run(args, tmp_path, env={"NPROC": "2"})
     ckpts = tmp_path / "checkpoints" / "W4A8KV4"
     uninterrupted = json.load(open(ckpts / "checkpoint-4" / "trainer_state.json"))["log_history"]
     shutil.rmtree(ckpts / "checkpoint-4")  # as if killed between step 2 and the end
     shutil.rmtree(tmp_path / "models")
-    proc = run(args, tmp_path, env={"NPROC": nproc})
+    proc = run(args, tmp_path, env={"NPROC": "2"})
     assert f"resuming from {ckpts}/checkpoint-2" in proc.stderr
     state = json.load(open(ckpts / "checkpoint-4" / "trainer_state.json"))
     assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from models.errors import InputError
 from models.kv_cache import use_post_rope_kv_attention
 from models.packed import PackedQuantizeLinear
-from models.utils_quant import BITS_RULE, QuantizeLinear
+from models.utils_quant import BITS_RULE, QuantizeLinear, SharedInput
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,10 @@ class QuantSetting:
             return q
 
         swap_linears(model, nn.Linear, to_quantize_linear)
+        shared = SharedInput()  # q/k/v and gate/up quantize their common input once
+        for m in model.modules():
+            if isinstance(m, QuantizeLinear):
+                m.shared_input = shared
         self.write_config(model.config)
         if self.kv_post_rope and self.kv_bits < 32:
             use_post_rope_kv_attention(model)

@@ -138,11 +138,15 @@ def sym_quant(x, num_bits, clip_val=CLIP_VAL, layerwise=False, out_dtype=None):
         return kernels.sym_quant(x, num_bits, clip_val, out_dtype)
     xf = x.float()
     a = xf.abs()
+    absmax = a.amax() if layerwise else a.amax(dim=-1, keepdim=True)
     lo, hi = (float(c) for c in clip_val)
-    mask = a < hi if lo == -hi else _ste_mask(x, clip_val)  # |x| < c: one pass instead of three
-    if x.device.type == "cpu" and mask.all():  # nothing clipped (as for weights, |w| < 2): keep no mask
-        mask = None
-    s = sym_scale(a.amax() if layerwise else a.amax(dim=-1, keepdim=True), num_bits)
+    if lo != -hi:
+        mask = _ste_mask(x, clip_val)
+    elif x.device.type == "cpu" and bool((absmax < hi).all()):
+        mask = None  # nothing clipped (|w| < 2 for weights), known from the row maxima: no mask pass at all
+    else:
+        mask = a < hi  # |x| < c: one pass instead of three
+    s = sym_scale(absmax, num_bits)
     q = torch.mul(xf, s, out=a).round_().div_(s + EPS)  # sym_dequant in |x|'s buffer: no new temporaries
     return q.to(out_dtype or x.dtype), mask
 
@@ -164,11 +168,15 @@ class SymQuantizer(torch.autograd.Function):
     s = (2^(b-1) - 1) / (max|x| + 1e-6);  q = round(x * s) / (s + 1e-6)
     Backward: straight-through, zeroed where x <= clip_val[0] or x >= clip_val[1].
     Computed in float32 and cast back to the input dtype, or written straight in out_dtype.
+    shared: a SharedInput, which hands sibling linears one quantization of their common input.
     """
 
     @staticmethod
-    def forward(ctx, input, clip_val, num_bits, layerwise, out_dtype=None):
-        q, mask = sym_quant(input, num_bits, clip_val, layerwise, out_dtype)
+    def forward(ctx, input, clip_val, num_bits, layerwise, out_dtype=None, shared=None):
+        def quantize():
+            return sym_quant(input, num_bits, clip_val, layerwise, out_dtype)
+        key = (num_bits, tuple(clip_val), layerwise, out_dtype)
+        q, mask = quantize() if shared is None else shared(input, key, quantize)
         ctx.save_for_backward(mask)
         ctx.input_dtype = input.dtype
         return q
@@ -176,7 +184,33 @@ class SymQuantizer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (mask,) = ctx.saved_tensors
-        return ste_grad(grad_output, mask, ctx.input_dtype), None, None, None, None
+        return ste_grad(grad_output, mask, ctx.input_dtype), None, None, None, None, None
+
+
+class SharedInput:
+    """One quantization of an input read by several linears (q/k/v_proj, gate/up_proj): the last input and its
+    (q, mask), reused while the same tensor object, unmodified (same version), comes back with the same
+    settings. Each linear still gets its own straight-through node (an alias of q), so the siblings'
+    gradients are masked and summed in the input's dtype exactly as when each quantizes alone: values and
+    gradients bit for bit. QuantSetting.apply gives one to all linears of a model: siblings run one after
+    another, so a single entry finds every reuse and keeps at most one activation alive."""
+
+    def __init__(self):
+        self.x = self.key = self.result = None
+
+    def __call__(self, x, key, quantize):
+        if x.is_inference():  # no version counter to trust: quantize every time
+            return quantize()
+        key = (x._version, *key)
+        if self.x is not x or self.key != key:
+            q, mask = quantize()
+            self.x, self.key, self.result = x, key, (q.detach(), mask)
+            return q, mask
+        q, mask = self.result
+        return q.detach(), mask  # a new alias: the returned tensor becomes this node's output
+
+    def __deepcopy__(self, memo):  # a copied model gets its own, empty one
+        return SharedInput()
 
 
 class AsymQuantizer(torch.autograd.Function):
@@ -229,15 +263,15 @@ def quantize_weight(weight, w_bits, layerwise=False, dtype=None, group_size=None
     return _ste(weight, q.to(weight.dtype))
 
 
-def quantize_act(x, bits, symmetric=True, layerwise=False, dtype=None):
+def quantize_act(x, bits, symmetric=True, layerwise=False, dtype=None, shared=None):
     """Fake-quantize activations per token (last dim). Off for bits <= 2 and bits >= 32, as in the paper.
 
-    dtype: as in quantize_weight (symmetric only)."""
+    dtype: as in quantize_weight (symmetric only). shared: a SharedInput (symmetric only)."""
     if bits <= 2 or bits >= 32:
         return x
     if not symmetric:
         return AsymQuantizer.apply(x, CLIP_VAL, bits, layerwise)
-    return SymQuantizer.apply(x, CLIP_VAL, bits, layerwise, dtype)
+    return SymQuantizer.apply(x, CLIP_VAL, bits, layerwise, dtype, shared)
 
 
 class QuantizeLinear(nn.Linear):
@@ -256,6 +290,7 @@ class QuantizeLinear(nn.Linear):
         self.w_bits, self.a_bits, self.out_bits, self.w_group_size = w_bits, a_bits, out_bits, w_group_size or None
         self.symmetric = symmetric
         self.act_layerwise, self.weight_layerwise = act_layerwise, weight_layerwise
+        self.shared_input = None  # a SharedInput: quantize an input once for the linears that read it
 
     def quantized_weight(self, dtype=None):
         """The fake-quantized weight (in dtype if given); an exported model dequantizes its codes here."""
@@ -266,7 +301,7 @@ class QuantizeLinear(nn.Linear):
         device = input.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         weight = self.quantized_weight(dtype)
-        input = quantize_act(input, self.a_bits, self.symmetric, self.act_layerwise, dtype)
+        input = quantize_act(input, self.a_bits, self.symmetric, self.act_layerwise, dtype, self.shared_input)
         out = F.linear(input, weight, self.bias)
         if self.out_bits < 32:
             out = SymQuantizer.apply(out, CLIP_VAL, self.out_bits, False)

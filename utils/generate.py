@@ -108,8 +108,8 @@ def default_batch_size(model, max_length):
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    # keys and values of 2 * max_length slots (utils.decode: rows of different ages share the cache)
-    per_sequence = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 2 * max_length * model.dtype.itemsize
+    # keys and values of max_length slots per row (utils.decode)
+    per_sequence = 2 * cfg.num_hidden_layers * kv_heads * head_dim * max_length * model.dtype.itemsize
     return int(max(1, min(MAX_BATCH_SIZE, (0.8 * memory - model.get_memory_footprint()) // per_sequence)))
 
 

@@ -38,6 +38,9 @@ from models.quant_model import QuantSetting  # noqa: E402
 from models.utils_quant import QuantizeLinear  # noqa: E402
 from utils.kd_trainer import kd_loss  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
+
 LLAMA_7B_LINEARS = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 DEFAULTS = {  # per device: (a) tokens, width divisor; (b) model and sequence
     "cpu": dict(tokens=256, width_div=4, hidden=1024, intermediate=2816, layers=4, heads=16, seq=256, bf16=False),
@@ -201,6 +204,16 @@ def bench_step(args):
     steps = [lambda v=v: train_step(args, teacher, *students[v], ids) for v in ("fp", "qat")]
     t_fp, t_q = interleaved_medians(steps, args.reps, args.device)
     print("    " + ratio_line("unquantized", f"W{W_BITS}A{A_BITS}KV{KV_BITS} QAT", t_fp, t_q, args.device))
+    # the share of the measured matmul rate (benchmarks/roofline.py): student forward + backward, teacher forward
+    tokens = args.batch * args.seq
+    config = students["fp"][0].config
+    shapes = roofline.linear_shapes(config, tokens, True) + roofline.linear_shapes(config, tokens, False)
+    flops, gemm_s = roofline.gemm_time(shapes, torch.bfloat16 if args.bf16 else torch.float32, args.reps,
+                                       args.device)
+    print(f"    step matmuls {flops / 1e12:.2f} TFLOP; measured {'bf16' if args.bf16 else 'fp32'} matmul rate at "
+          f"the step's shapes {flops / gemm_s / 1e12:.1f} TFLOP/s; achieved {flops / t_q[0] / 1e12:.1f} TFLOP/s "
+          f"(QAT), {flops / t_fp[0] / 1e12:.1f} (unquantized); gemm_fraction QAT {gemm_s / t_q[0]:.3f}, "
+          f"unquantized {gemm_s / t_fp[0]:.3f}")
     return t_q[0] / t_fp[0]
 
 

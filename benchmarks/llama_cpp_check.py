@@ -10,8 +10,13 @@ a sample text against our model with the same weights and unquantized activation
 llama.cpp quantizes activations itself, to Q8_0 blocks, and keeps an f16 KV cache); perplexity over windows of
 held-out text, fed the same token ids (target: within 1% of ours at W-A16-KV16); greedy tokens/s of the QAT
 GGUF, the F16 GGUF and our PyTorch compressed-tensors export. The last line is `llama_cpp_check <json>`.
+
+Without llama-cpp-python it stops at once with one line (`error: ... needs llama-cpp-python ...`), unless
+--ours_only: the parts that need no llama.cpp (the three exports, our W-A16-KV16 perplexity over the same
+windows, our export's tokens/s), the same last line with those keys only (the suite runs `--quick --ours_only`).
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +35,7 @@ from models.quant_model import QuantSetting, load_model, read_config  # noqa: E4
 from models.utils_quant import QuantizeLinear  # noqa: E402
 from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL  # noqa: E402
 from utils.data import read_texts  # noqa: E402
+from utils.model_zoo import resolve_model  # noqa: E402
 
 SAMPLE = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 
@@ -82,7 +88,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work_dir", default="output/llama_cpp_check")
     p.add_argument("--quick", action="store_true", help="4 windows, 16 new tokens (the test)")
+    p.add_argument("--ours_only", action="store_true", help="only what needs no llama.cpp: the exports, our "
+                   "perplexity and our export's tokens/s")
     args = p.parse_args(argv)
+    cpp = not args.ours_only
+    if cpp and importlib.util.find_spec("llama_cpp") is None:
+        sys.exit("error: llama_cpp_check.py needs llama-cpp-python (pip install llama-cpp-python==0.3.36, a ~25-30 "
+                 "min source build; see docs/export.md), or --ours_only for the parts that need no llama.cpp")
     if args.quick:
         args.windows, args.new_tokens = 4, 16
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,7 +111,7 @@ def main(argv=None):
             AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(model_dir)
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    fp_dir = args.fp_model or getattr(config, "llmqat_teacher", None) or EMBEDDED_MODEL
+    fp_dir = resolve_model(args.fp_model or getattr(config, "llmqat_teacher", None) or EMBEDDED_MODEL)
     name = QuantSetting.from_config(config).name
     qat_gguf = work / "gguf" / f"{name}.gguf"
     if not qat_gguf.is_file():
@@ -112,36 +124,41 @@ def main(argv=None):
     if not ct_dir.is_dir():
         export(model_dir, ct_dir)
     ours = weights_only(load_model(str(model_dir)).eval())
-    llm = llama(qat_gguf, args.seq_len, args.threads)
+    llm = llama(qat_gguf, args.seq_len, args.threads) if cpp else None
     result = {"model": str(model_dir), "setting": name, "gguf_mb": round(qat_gguf.stat().st_size / 1e6, 2),
               "fp16_gguf_mb": round(fp_gguf.stat().st_size / 1e6, 2)}
-
-    # tokenization: held-out lines, llama.cpp's tokenizer vs Hugging Face's
-    lines = [t for text in read_texts(args.ppl_data)[:20] for t in text.splitlines() if t.strip()][:200]
-    add_bos = tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
-    same = [llm.tokenize(t.encode(), add_bos=add_bos, special=False) == tokenizer(t).input_ids for t in lines]
-    result["tokens_equal_share"] = round(sum(same) / len(same), 4)
     sample = tokenizer(SAMPLE).input_ids
-    result["tokens_equal"] = llm.tokenize(SAMPLE.encode(), add_bos=add_bos, special=False) == sample
 
-    # next-token logits on the sample, same ids
-    theirs = llama_logits(llm, sample)
-    with torch.no_grad():
-        mine = ours(torch.tensor([sample])).logits[0]
-    result["max_logit_diff"] = round((theirs - mine).abs().max().item(), 4)
-    result["max_logit_diff_rel"] = round(result["max_logit_diff"] / mine.std().item(), 4)
-    result["top1_agree"] = round((theirs.argmax(-1) == mine.argmax(-1)).float().mean().item(), 4)
+    if cpp:
+        # tokenization: held-out lines, llama.cpp's tokenizer vs Hugging Face's
+        lines = [t for text in read_texts(args.ppl_data)[:20] for t in text.splitlines() if t.strip()][:200]
+        add_bos = tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+        same = [llm.tokenize(t.encode(), add_bos=add_bos, special=False) == tokenizer(t).input_ids for t in lines]
+        result["tokens_equal_share"] = round(sum(same) / len(same), 4)
+        result["tokens_equal"] = llm.tokenize(SAMPLE.encode(), add_bos=add_bos, special=False) == sample
+
+        # next-token logits on the sample, same ids
+        theirs = llama_logits(llm, sample)
+        with torch.no_grad():
+            mine = ours(torch.tensor([sample])).logits[0]
+        result["max_logit_diff"] = round((theirs - mine).abs().max().item(), 4)
+        result["max_logit_diff_rel"] = round(result["max_logit_diff"] / mine.std().item(), 4)
+        result["top1_agree"] = round((theirs.argmax(-1) == mine.argmax(-1)).float().mean().item(), 4)
 
     # perplexity over the same windows of token ids
     nll_cpp = nll_ours = count = 0
     for ids in windows(tokenizer, args.ppl_data, args.seq_len, args.windows):
-        nll_cpp += nll(llama_logits(llm, ids), ids)
+        if cpp:
+            nll_cpp += nll(llama_logits(llm, ids), ids)
         with torch.no_grad():
             nll_ours += nll(ours(torch.tensor([ids])).logits[0], ids)
         count += len(ids) - 1
-    result["ppl_llama_cpp"] = round(math.exp(nll_cpp / count), 4)
+    if not count:
+        sys.exit(f"error: {args.ppl_data}: fewer tokens than one window of --seq_len {args.seq_len}")
     result["ppl_ours_w_only"] = round(math.exp(nll_ours / count), 4)
-    result["ppl_rel_diff"] = round(result["ppl_llama_cpp"] / result["ppl_ours_w_only"] - 1, 5)
+    if cpp:
+        result["ppl_llama_cpp"] = round(math.exp(nll_cpp / count), 4)
+        result["ppl_rel_diff"] = round(result["ppl_llama_cpp"] / result["ppl_ours_w_only"] - 1, 5)
     result["ppl_windows"] = count // (args.seq_len - 1)
 
     # greedy decoding speed: the QAT GGUF, the F16 GGUF, our PyTorch export
@@ -155,16 +172,18 @@ def main(argv=None):
                     break
         return run
 
-    result["tok_s_gguf"] = round(tokens_per_second(cpp_generate(llm), args.new_tokens), 1)
-    del llm
-    result["tok_s_fp16_gguf"] = round(tokens_per_second(cpp_generate(llama(fp_gguf, args.seq_len, args.threads)),
-                                                        args.new_tokens), 1)
+    if cpp:
+        result["tok_s_gguf"] = round(tokens_per_second(cpp_generate(llm), args.new_tokens), 1)
+        del llm
+        result["tok_s_fp16_gguf"] = round(tokens_per_second(cpp_generate(llama(fp_gguf, args.seq_len, args.threads)),
+                                                            args.new_tokens), 1)
     exported = load_model(str(ct_dir))
     ids = torch.tensor([prompt])
     result["tok_s_pytorch_export"] = round(tokens_per_second(lambda n: exported.generate(
         ids, max_new_tokens=n, min_new_tokens=n, do_sample=False), args.new_tokens), 1)
-    result["speedup_vs_fp16_gguf"] = round(result["tok_s_gguf"] / result["tok_s_fp16_gguf"], 2)
-    result["speedup_vs_pytorch_export"] = round(result["tok_s_gguf"] / result["tok_s_pytorch_export"], 2)
+    if cpp:
+        result["speedup_vs_fp16_gguf"] = round(result["tok_s_gguf"] / result["tok_s_fp16_gguf"], 2)
+        result["speedup_vs_pytorch_export"] = round(result["tok_s_gguf"] / result["tok_s_pytorch_export"], 2)
     result["threads"], result["cpu"] = args.threads, os.uname().machine
     for k, v in result.items():
         print(f"{k}: {v}")

@@ -4,63 +4,95 @@ of the reproduction's own training files, for each N given, with the table's rec
 rate, batch 4 x 256, cosine, 1 epoch), and evaluates each student as the table does (plus milton_valid).
 The full-budget points are the table's committed rows. A diagnosis, not a tuning: nothing is chosen on it.
 Resumable: students under <work_dir>/models/curve*, points in results/smollm2_token_curve.json.
+--smoke (seconds; the test): the same code path on the embedded model with the reproduction's quick settings cut
+down (32 start ids, 64 generated tokens, 4 evaluation windows, its 2e-5 learning rate), budgets of 2 and 4 blocks,
+no committed full-budget rows (the embedded model has none), in a temporary work dir (or --work_dir), the points
+written there, never to results/. The last line is `token_curve <json>` ({method: {blocks: {text: ppl}}}).
 
-    python benchmarks/token_curve.py [--blocks 150 300] [--work_dir ~/.cache/llm-qat/reproduce_smollm2]
+    python benchmarks/token_curve.py [--blocks 150 300] [--work_dir ~/.cache/llm-qat/reproduce_smollm2] [--smoke]
 """
 import argparse
 import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from utils.evaluate import evaluate, write_json  # noqa: E402
-from utils.reproduce import DATA, SMOLLM2, generated_text, real_text, train  # noqa: E402
+from utils.reproduce import DATA, SMOLLM2, TINY, generated_text, real_text, train  # noqa: E402
 
 ROWS = REPO / "results" / "smollm2_table_rows"
 OUT = REPO / "results" / "smollm2_token_curve.json"
 SOURCES = {"LLM-QAT": "hybrid", "QAT-real": "real"}
 
 
-def point(method, blocks, s, work):
-    data = real_text(work) if SOURCES[method] == "real" else generated_text("hybrid", s, work, SMOLLM2)
+def point(method, blocks, s, work, profile=SMOLLM2):
+    data = real_text(work) if SOURCES[method] == "real" else generated_text("hybrid", s, work, profile)
     model, seconds = train(f"curve{blocks}_{method}", "4-8-4", data, {**s, "blocks": blocks, "save_steps": None},
-                           work, SMOLLM2, s["chosen_lr"])
-    texts = [*SMOLLM2.ppl_texts.values(), str(DATA / "milton_valid.jsonl")]
-    r = evaluate(model, ppl_data=texts, seq_len=256, dtype=SMOLLM2.eval_dtype, max_windows=s["eval_windows"])
+                           work, profile, s["chosen_lr"])
+    texts = [*profile.ppl_texts.values(), str(DATA / "milton_valid.jsonl")]
+    r = evaluate(model, ppl_data=texts, seq_len=256, dtype=profile.eval_dtype, max_windows=s["eval_windows"])
     return {name: round(v["ppl"], 4) for name, v in r["ppl"].items()}
 
 
 def slope(points, text):
     """d ppl / d log2(tokens) over the last two points: the change per doubling of the training tokens."""
-    (b0, p0), (b1, p1) = sorted((b, p[text]) for b, p in points.items() if text in p)[-2:]
+    found = sorted((b, p[text]) for b, p in points.items() if text in p)
+    if len(found) < 2:
+        return float("nan")
+    (b0, p0), (b1, p1) = found[-2:]
     return (p1 - p0) / math.log2(b1 / b0)
+
+
+def smoke_settings():
+    """The embedded model's quick reproduction settings, cut down to seconds."""
+    s = dict(TINY.settings["quick"], start_ids=(320, 352), gen_length=64, epochs=1, eval_windows=4)
+    s["chosen_lr"] = s["lr"]
+    return s
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, nargs="+", default=[150, 300])
-    p.add_argument("--work_dir", default=os.path.expanduser("~/.cache/llm-qat/reproduce_smollm2"))
+    p.add_argument("--blocks", type=int, nargs="+", default=None, help="training budgets in blocks of 256 tokens "
+                   "(default: 150 300; --smoke: 2 4)")
+    p.add_argument("--work_dir", default=None, help="default: ~/.cache/llm-qat/reproduce_smollm2 (--smoke: a "
+                   "temporary directory)")
+    p.add_argument("--smoke", action="store_true", help="the embedded model, tiny budgets, seconds (the test)")
     args = p.parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = args.work_dir or tmp
+            return curve_of(TINY, smoke_settings(), args.blocks or [2, 4], work, Path(work) / "token_curve.json",
+                            full_rows=False)
     s = dict(SMOLLM2.settings["full"])
     s["chosen_lr"] = json.loads((ROWS / "lr_choice.json").read_text())["lr"]
-    curve = json.loads(OUT.read_text()) if OUT.exists() else {}
+    return curve_of(SMOLLM2, s, args.blocks or [150, 300],
+                    args.work_dir or os.path.expanduser("~/.cache/llm-qat/reproduce_smollm2"), OUT)
+
+
+def curve_of(profile, s, budgets, work, out, full_rows=True):
+    """Both methods at each budget (resumable through `out`); prints the points, the slopes and the last line."""
+    curve = json.loads(out.read_text()) if out.exists() else {}
     for method in SOURCES:  # the table's rows are the full-budget points (evaluated without milton_valid)
-        full = json.loads((ROWS / f"{method}_4-8-4.json").read_text())
-        curve.setdefault(method, {})[str(s["blocks"])] = full["ppl_by_text"]
-    for blocks in args.blocks:  # both methods at each budget, smallest first: a run cut short has whole pairs
+        curve.setdefault(method, {})
+        if full_rows:
+            full = json.loads((ROWS / f"{method}_4-8-4.json").read_text())
+            curve[method][str(s["blocks"])] = full["ppl_by_text"]
+    for blocks in budgets:  # both methods at each budget, smallest first: a run cut short has whole pairs
         for method in SOURCES:
             if str(blocks) not in curve[method]:
-                curve[method][str(blocks)] = point(method, blocks, s, args.work_dir)
-                write_json(str(OUT), curve)
+                curve[method][str(blocks)] = point(method, blocks, s, work, profile)
+                write_json(str(out), curve)
             print(f"{method} {blocks * 256} tokens: {curve[method][str(blocks)]}", flush=True)
-    write_json(str(OUT), curve)
-    for text in SMOLLM2.ppl_texts:
+    write_json(str(out), curve)
+    for text in profile.ppl_texts:
         per_doubling = {m: slope({int(b): v for b, v in curve[m].items()}, text) for m in SOURCES}
         print(f"{text}: ppl change per doubling of tokens " + ", ".join(f"{m} {d:+.2f}" for m, d in per_doubling.items()))
     print("token_curve " + json.dumps(curve))
+    return curve
 
 
 if __name__ == "__main__":

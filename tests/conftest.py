@@ -62,7 +62,7 @@ def run_cli(cmd, cwd=REPO, env=None, check=True, timeout=TIMEOUT):
 # two workers in this order, and queues the next file on a worker with at most 2 tests pending, so the two
 # single-fixture files start at once, each with a short file queued behind it, and the rest fill in around
 # them (else one long file runs alone at the end).
-LONGEST_FIRST = ("test_readme.py", "test_reproduce.py", "test_io.py", "test_quantizers.py", "test_train.py",
+LONGEST_FIRST = ("test_readme.py", "test_reproduce.py", "test_benchmarks.py", "test_io.py", "test_quantizers.py", "test_train.py",
                  "test_faults.py", "test_real_model.py", "test_generate.py")
 
 

@@ -1,0 +1,314 @@
+"""Roofline of LLM-QAT on this machine: the QAT+KD training step and data-free generation against the measured
+matmul rate at their own shapes and thread count.
+
+(1) Generation (generate_data.py's decoder, utils.decode) at the table's batch: the matmul FLOPs of every
+    linear call (recorded by forward hooks), the time the same matmuls take alone at this machine's measured
+    rate (each distinct shape timed with torch.mm in the model's dtype), and the share of the decode time they
+    account for. Last line of the section: `gen_gemm_fraction <x>`.
+(2) The training step, through the real Trainer (utils.train_qat.run): W-A-KV QAT + KD in bf16 autocast and in
+    fp32, and the unquantized KD step in bf16; median step times side by side, the step's matmul FLOPs (student
+    forward + backward, teacher forward), the achieved rate, its share of the measured bf16 rate at the step's
+    GEMM shapes, and a torch.profiler breakdown of one bf16 QAT step by kind (matmul, attention, quantizers,
+    casts, KD loss, optimizer, other). The last line of the output: `step_gemm_fraction <x>`.
+
+step_gemm_fraction = (time the step's matmuls take alone at the measured bf16 rate) / (bf16 QAT step time).
+
+    python benchmarks/roofline.py [--model smollm2] [--threads 2] [--parts gen,step] [--steps 4] [--rounds 2]
+    python benchmarks/roofline.py --model assets/tiny_llama --steps 2 --rounds 1 --gen_ids 8   # the suite's smoke run
+"""
+import argparse
+import collections
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models import utils_quant  # noqa: E402
+from models.quant_model import read_config  # noqa: E402
+from utils import kd_trainer  # noqa: E402
+from utils.model_zoo import resolve_model  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent / "assets" / "data"
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int4pack_mm"}
+KINDS = ("matmul", "attention", "quantizers", "casts", "KD loss", "optimizer", "other")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="model directory or packaged name")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the cores)")
+    p.add_argument("--parts", default="gen,step", help="comma list of gen, step")
+    p.add_argument("--setting", default="4-8-4", help="W-A-KV of the QAT step")
+    p.add_argument("--batch", type=int, default=4, help="training blocks per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per training block")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round (after 2 warm-ups)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the three step variants (medians over all)")
+    p.add_argument("--data", default=str(DATA / "shakespeare_train.jsonl"))
+    p.add_argument("--optim", default=None, help="--optim of the training runs (default: train.py's)")
+    p.add_argument("--gen_ids", type=int, default=64, help="start ids generated (x3 prefix lengths)")
+    p.add_argument("--gen_batch", type=int, default=None, help="decode batch (default: generate_data.py's)")
+    p.add_argument("--gen_max_length", type=int, default=128)
+    p.add_argument("--gen_dtype", default="auto")
+    p.add_argument("--reps", type=int, default=5, help="timings per matmul shape (median)")
+    return p.parse_args(argv)
+
+
+# ---- matmul rate at given shapes ----
+def time_mm(m, k, n, dtype, reps, device="cpu"):
+    """Median seconds of one [m, k] @ [k, n] product in dtype (timed in loops of >= ~10 ms)."""
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+
+    def loop(count):
+        sync()
+        t = time.perf_counter()
+        for _ in range(count):
+            torch.mm(a, b)
+        sync()
+        return (time.perf_counter() - t) / count
+
+    loop(1)
+    count = max(1, int(0.01 / max(loop(1), 1e-7)))
+    return statistics.median(loop(count) for _ in range(reps))
+
+
+def gemm_time(shapes, dtype, reps, device="cpu"):
+    """{(m, k, n): count} -> (FLOPs, seconds these matmuls take alone at this machine's rate)."""
+    flops = seconds = 0.0
+    for (m, k, n), count in shapes.items():
+        flops += 2 * m * k * n * count
+        seconds += time_mm(m, k, n, dtype, reps, device) * count
+    return flops, seconds
+
+
+def linear_shapes(config, tokens, with_backward):
+    """The GEMMs of the decoder linears and lm_head for `tokens` rows: forward [T, in] @ [in, out], and with
+    backward the input gradient [T, out] @ [out, in] and the weight gradient [out, T] @ [T, in]."""
+    c = config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    h, i = c.hidden_size, c.intermediate_size
+    per_layer = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    shapes = collections.Counter()
+    for d_in, d_out in per_layer * c.num_hidden_layers + [(h, c.vocab_size)]:
+        shapes[(tokens, d_in, d_out)] += 1
+        if with_backward:
+            shapes[(tokens, d_out, d_in)] += 1
+            shapes[(d_out, tokens, d_in)] += 1
+    return shapes
+
+
+# ---- profile breakdown ----
+@contextlib.contextmanager
+def labelled():
+    """Profiler ranges around the quantizers and the KD loss (their ops have generic names)."""
+    from torch.profiler import record_function
+
+    def wrap(module, name, label):
+        fn = getattr(module, name)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with record_function(label):
+                return fn(*args, **kwargs)
+        setattr(module, name, inner)
+        return fn
+
+    originals = [(m, n, wrap(m, n, label)) for m, n, label in (
+        (utils_quant, "sym_quant", "llmqat::quantizer"), (utils_quant, "ste_grad", "llmqat::quantizer"),
+        (kd_trainer, "kd_loss", "llmqat::kd_loss"), (torch.nn.utils, "clip_grad_norm_", "Optimizer.clip_grad_norm_"))]
+    try:
+        yield
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+
+
+def kind_of(event):
+    name = event.name
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention"
+    parent = event.cpu_parent
+    while parent is not None:
+        p = parent.name
+        if p == "llmqat::quantizer" or "SymQuantizerBackward" in p or "QuantizerBackward" in p:
+            return "quantizers"
+        if p == "llmqat::kd_loss" or "_ChunkedKLBackward" in p:
+            return "KD loss"
+        if p.startswith("Optimizer.") or "clip_grad" in p:
+            return "optimizer"
+        if "scaled_dot_product" in p or "flash_attention" in p:
+            return "attention"
+        parent = parent.cpu_parent
+    if name in ("aten::copy_", "aten::_to_copy", "aten::to"):
+        return "casts"
+    return "other"
+
+
+def breakdown(prof):
+    """Self time per kind (seconds) of the profiled region, and the top ops of 'other'."""
+    kinds, other = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type.name != "CPU" or e.self_cpu_time_total <= 0:
+            continue
+        k = kind_of(e)
+        kinds[k] += e.self_cpu_time_total / 1e6
+        if k == "other":
+            other[e.name] += e.self_cpu_time_total / 1e6
+    return kinds, other
+
+
+def print_breakdown(kinds, other):
+    profiled = sum(kinds.values())
+    print(f"  breakdown of one profiled step (self time, {profiled:.2f} s under the profiler):")
+    for k in KINDS:
+        print(f"    {k:11s} {kinds[k]:7.3f} s  {kinds[k] / profiled:6.1%}")
+    top = ", ".join(f"{n.removeprefix('aten::')} {s / profiled:.1%}" for n, s in other.most_common(6))
+    print(f"    other's largest: {top}")
+
+
+# ---- (1) generation ----
+def generation(args, path):
+    from transformers import AutoTokenizer
+    from utils.decode import Sampling, generate_batch
+    from utils.generate import default_batch_size, eos_token_ids, load_generator, sequence_seed
+
+    model = load_generator(path, args.gen_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    max_length = min(args.gen_max_length, model.config.max_position_embeddings)
+    ids = list(range(100, 100 + args.gen_ids))
+    pairs = [(i, j) for j in (3, 4, 5) for i in ids]
+    batch = min(args.gen_batch or default_batch_size(model, max_length), len(pairs))
+    sampling, eos = Sampling.of(model.generation_config), eos_token_ids(model)
+
+    def run():
+        seeds = [sequence_seed(0, i, j) for i, j in pairs]
+        return sum(len(s) - 1 for _, s in generate_batch(model, [p[0] for p in pairs], [p[1] for p in pairs],
+                                                         max_length, sampling, seeds, eos, batch))
+
+    run_short = functools.partial(generate_batch, model, ids[:2], [3, 3], 8, sampling, [0, 1], eos, 2)
+    list(run_short())  # first-call costs
+    shapes = collections.Counter()
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        shapes[(x.numel() // x.shape[-1], module.in_features, module.out_features)] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    t = time.perf_counter()
+    tokens = run()
+    seconds = time.perf_counter() - t
+    for h in handles:
+        h.remove()
+    flops, gemm_s = gemm_time(shapes, model.dtype, args.reps)
+    print(f"(1) generation: {len(pairs)} sequences, max_length {max_length}, batch {batch}, {model.dtype}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.0f} tokens/s; {flops / 1e12:.3f} TFLOP of "
+          f"matmuls in {len(shapes)} shapes, {gemm_s:.2f} s alone at the measured rate "
+          f"({flops / gemm_s / 1e9:.0f} GFLOP/s); achieved {flops / seconds / 1e9:.0f} GFLOP/s")
+    print(f"gen_gemm_fraction {gemm_s / seconds:.3f}")
+
+
+# ---- (2) the training step ----
+class StepTimer(TrainerCallback):
+    """Each step's seconds; step `profile_step` (1-based) under torch.profiler."""
+
+    def __init__(self, profile_step=None):
+        self.times, self.start, self.profile_step, self.prof = [], None, profile_step, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.profile_step:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.prof.__enter__()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)
+        if self.prof is not None and state.global_step == self.profile_step:
+            self.prof.__exit__(None, None, None)
+
+
+def train_step(args, path, tmp, name, setting, bf16, profile_step=None):
+    """The seconds of each training step after 2 warm-ups, and the profiler of one if asked."""
+    from utils.process_args import process_args
+    from utils.train_qat import run
+
+    w, a, kv = setting.split("-") if setting else ("32", "32", "32")
+    timer = StepTimer(profile_step)
+    argv = ["--input_model_filename", path, "--train_data_local_path", args.data, "--local_dir", tmp,
+            "--output_model_filename", name, "--qat", str(bool(setting)), "--w_bits", w, "--a_bits", a,
+            "--kv_bits", kv, "--model_max_length", str(args.seq), "--per_device_train_batch_size", str(args.batch),
+            "--max_steps", str(args.steps + 2 + bool(profile_step)), "--learning_rate", "1e-4", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", str(not torch.cuda.is_available()), "--bf16", str(bf16),
+            "--log_level", "warning", "--logging_strategy", "no", "--disable_tqdm", "True", "--dataloader_pin_memory", "False", "--seed", "0"]
+    if args.optim:
+        argv += ["--optim", args.optim]
+    with labelled() if profile_step else contextlib.nullcontext():
+        run(*process_args(argv), callbacks=[timer])
+    return timer.times[2:2 + args.steps], timer.prof  # the profiled step (the last) is not timed
+
+
+def step(args, path):
+    """Rounds of [QAT bf16, unquantized KD bf16, QAT fp32] (every other round reversed) and of the matmul
+    timings: these machines' speed drifts within minutes, so every figure is a median over the rounds."""
+    config = read_config(path)
+    tokens = args.batch * args.seq
+    # student forward + backward, teacher forward (embeddings tied to lm_head: the head's GEMMs count once each)
+    shapes = linear_shapes(config, tokens, True) + linear_shapes(config, tokens, False)
+    variants = [("qat_bf16", args.setting, True), ("kd_bf16", None, True), ("qat_fp32", args.setting, False)]
+    times, gemm, prof = collections.defaultdict(list), collections.defaultdict(list), None
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for name, setting, bf16 in variants if r % 2 == 0 else variants[::-1]:
+                profile = args.steps + 3 if r == 0 and name == "qat_bf16" else None
+                t, p = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile)
+                times[name] += t
+                prof = p or prof
+            for dtype in (torch.bfloat16, torch.float32):
+                flops, seconds = gemm_time(shapes, dtype, args.reps)
+                gemm[dtype].append(seconds)
+    t = {name: statistics.median(v) for name, v in times.items()}
+    g = {dtype: statistics.median(v) for dtype, v in gemm.items()}
+    print(f"(2) training step: W-A-KV {args.setting} QAT + KD, batch {args.batch} x {args.seq}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} timed steps per variant")
+    print(f"  matmul rate at the step's {len(shapes)} GEMM shapes: bf16 {flops / g[torch.bfloat16] / 1e9:.0f} GFLOP/s, "
+          f"fp32 {flops / g[torch.float32] / 1e9:.0f} GFLOP/s ({g[torch.float32] / g[torch.bfloat16]:.2f}x)")
+    print(f"  median step: QAT bf16 {t['qat_bf16']:.3f} s, QAT fp32 {t['qat_fp32']:.3f} s, unquantized KD bf16 "
+          f"{t['kd_bf16']:.3f} s")
+    print(f"  step matmuls {flops / 1e12:.3f} TFLOP: achieved {flops / t['qat_bf16'] / 1e9:.0f} GFLOP/s in bf16, "
+          f"{flops / t['qat_fp32'] / 1e9:.0f} GFLOP/s in fp32")
+    kinds, other = breakdown(prof)
+    print_breakdown(kinds, other)
+    print(f"bf16_over_fp32_speedup {t['qat_fp32'] / t['qat_bf16']:.2f}")
+    print(f"qat_over_kd_step {t['qat_bf16'] / t['kd_bf16']:.3f}")
+    print(f"fp32_step_gemm_fraction {g[torch.float32] / t['qat_fp32']:.3f}")
+    print(f"step_gemm_fraction {g[torch.bfloat16] / t['qat_bf16']:.3f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    path = resolve_model(args.model)
+    parts = set(args.parts.split(","))
+    if bad := parts - {"gen", "step"}:
+        sys.exit(f"error: --parts {args.parts!r}: unknown {sorted(bad)}; use a comma list of gen, step")
+    if "gen" in parts:
+        generation(args, path)
+    if "step" in parts:
+        step(args, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Benchmarks cannot rot: every script under benchmarks/ runs here in seconds (the embedded model, small arguments
+or a smoke mode), and its last line(s) have the exact format its docstring promises, with finite positive numbers.
+A refactor that breaks a benchmark fails the suite; a new script without a test here fails test_every_benchmark_
+is_tested.
+
+Most run as a user runs them (a subprocess through conftest.run_cli: offline, this interpreter); gpu_check.py's
+exactness part and llama_cpp_check.py's missing-llama.cpp line run in-process (no CUDA / no llama-cpp-python here).
+Nothing here imports transformers at module level (test_kernels.py must import triton first)."""
+import importlib.util
+import json
+import math
+import re
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_PATH, SMOLLM2_CACHED, run_cli
+
+BENCH = REPO_PATH / "benchmarks"
+TINY_MODEL = str(REPO_PATH / "assets" / "tiny_llama")
+NUM = r"([-+]?\d+\.\d+)"  # a fixed-point number as the scripts print them (nan / inf never match)
+
+
+def bench(name, *args, **kwargs):
+    return run_cli([sys.executable, str(BENCH / name), *map(str, args)], **kwargs)
+
+
+def lines(proc):
+    out = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert out, f"no output on stdout\n{proc.stderr[-3000:]}"
+    return out
+
+
+def fields(pattern, line):
+    """The numbers of `line`, which must match `pattern` exactly."""
+    m = re.fullmatch(pattern, line)
+    assert m, f"{line!r} does not match {pattern!r}"
+    return [float(g) for g in m.groups()]
+
+
+def json_line(name, line):
+    """The object of a `<name> <json>` last line."""
+    assert re.fullmatch(re.escape(name) + r" \{.*\}", line), line
+    return json.loads(line.split(" ", 1)[1])
+
+
+def positive(*values):
+    assert all(math.isfinite(v) and v > 0 for v in values), values
+
+
+def load(name):
+    """benchmarks/<name> as a module, in-process."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name[:-3]}", BENCH / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_bf16():
+    out = lines(bench("bench_bf16.py", "--model", TINY_MODEL, "--steps", 3, "--max_windows", 4))
+    for name, line in zip(("fp32", "bf16"), out[-4:-2]):
+        positive(*fields(name + r": median step " + NUM + r" s, validation ppl " + NUM + r" after 3 steps", line))
+    assert math.isfinite(fields(r"ppl_rel_diff " + NUM, out[-2])[0]) and re.fullmatch(r"ppl_rel_diff [-+]\d\.\d{4}",
+                                                                                      out[-2])
+    positive(*fields(r"bf16_step_speedup (\d+\.\d{2})", out[-1]))
+
+
+def test_bench_generate():
+    out = lines(bench("bench_generate.py", "--num_ids", 4, "--prefix_lengths", 3, "--max_length", 24,
+                      "--threads", 1))
+    assert out[0].startswith("model ") and "4 start ids x prefix lengths [3] = 4 sequences, max_length 24" in out[0]
+    for line in out[-5:-2]:  # original, peer, ours
+        tokens, seconds, rate = fields(r".{36} 4 sequences, (\d+) tokens in (\d+\.\d) s: (\d+) tokens/s", line)
+        assert tokens > 0 and rate > 0
+    positive(*fields(r"speedup_vs_hf_generate (\d+\.\d{2})x", out[-2]))
+    positive(*fields(r"speedup (\d+\.\d)x", out[-1]))
+
+
+def test_bench_generate_rounds_without_the_original_loop():
+    out = lines(bench("bench_generate.py", "--num_ids", 2, "--prefix_lengths", 3, "--max_length", 16,
+                      "--threads", 1, "--rounds", 2, "--skip_original"))
+    assert out[0].endswith("HF generate and ours 2 times each")
+    assert out[-3].startswith("HF generate") and out[-2].startswith("ours")  # no original line
+    positive(*fields(r"speedup_vs_hf_generate (\d+\.\d{2})x", out[-1]))
+
+
+def test_bench_generate_defaults_as_documented():
+    module = load("bench_generate.py")
+    args = module.parse_args([])
+    assert (args.num_ids, args.prefix_lengths, args.max_length) == (16, [3, 4, 5], 96)
+    assert "16 start ids x prefix lengths 3 4 5 = 48 sequences, max_length 96" in module.__doc__
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2_CACHED, reason="SmolLM2 is not cached (python tools/get_model.py smollm2)")
+def test_bench_generate_resolves_a_packaged_name_offline():
+    out = lines(bench("bench_generate.py", "--model", "smollm2", "--num_ids", 2, "--prefix_lengths", 3,
+                      "--max_length", 8, "--threads", 1))
+    assert out[0].startswith("model smollm2 (") and "2 sequences, max_length 8" in out[0]
+    positive(*fields(r"speedup (\d+\.\d)x", out[-1]))
+
+
+def test_bench_export():
+    out = lines(bench("bench_export.py", "--new_tokens", 8, "--repeats", 1, "--threads", 1))
+    rows = out[-6:-2]
+    for name, line in zip(("float fp32", "float bf16", "QAT fake-quant (fp32)", "exported packed"), rows):
+        positive(*fields(re.escape(f"{name:24s}") + r" +(\d+\.\d{2}) MB +(\d+\.\d) tokens/s", line))
+    assert out[-2].startswith("exported model says: ")
+    smaller, ratio = fields(r"exported vs float bf16: disk (\d+\.\d{2})x smaller, tokens/s ratio (\d+\.\d{2})", out[-1])
+    assert smaller > 1 and ratio > 0
+
+
+@pytest.mark.slow
+def test_bench_host_memory():
+    out = lines(bench("bench_host_memory.py", "--model", TINY_MODEL, "--nproc", 2))
+    assert re.fullmatch(r"plain +rank0 \d+  rank1 \d+", out[-4]) and re.fullmatch(r"efficient +rank0 \d+  rank1 \d+",
+                                                                                    out[-3]), out[-4:]
+    positive(*fields(r"rank0_ratio (\d+\.\d{3})", out[-2]))
+    positive(*fields(r"rank1_ratio (\d+\.\d{3})", out[-1]))
+
+
+def test_bench_qat():
+    out = lines(bench("bench_qat.py", "--reps", 1, "--tokens", 16, "--width_div", 64, "--hidden", 64,
+                      "--intermediate", 128, "--layers", 1, "--heads", 2, "--vocab", 256, "--seq", 16,
+                      "--threads", 1))
+    text = "\n".join(out)
+    assert "(a) linear forward+backward" in text and "(b) training step" in text and "(c) peak memory" in text
+    assert len(re.findall(r"nn\.Linear \d+\.\d{2} ms  QuantizeLinear \d+\.\d{2} ms  ratio \d+\.\d{3}", text)) == 3
+    positive(*fields(r"step_ratio (\d+\.\d{3})", out[-2]))
+    positive(*fields(r"mem_ratio (\d+\.\d{3})", out[-1]))
+
+
+def test_gen_dtype():
+    out = lines(bench("gen_dtype.py", "--id_step", 256, "--max_length", 16, "--batch_size", 8))
+    result = json_line("gen_dtype", out[-1])
+    assert result["sequences"] == 8 and result["max_length"] == 16  # ids 0, 256, ..., 1792 of the 2048
+    for key in ("identical_greedy_prefix", "identical_sequence"):
+        assert 0 <= result[key] <= 1
+    for dtype in ("float32", "bfloat16"):
+        positive(result[dtype]["mean_length"], result[dtype]["tokens"], result[dtype]["distinct_tokens"])
+        assert out[-4 if dtype == "float32" else -3].startswith(f"{dtype}: {{'mean_length': ")
+    assert re.fullmatch(r"identical greedy prefixes \d+\.\d%, identical sequences \d+\.\d%, first difference at "
+                        r"token \d+\.\d on average", out[-2]), out[-2]
+
+
+@pytest.mark.slow
+def test_token_curve_smoke():
+    committed = REPO_PATH / "results" / "smollm2_token_curve.json"
+    before = committed.read_bytes() if committed.exists() else None
+    out = lines(bench("token_curve.py", "--smoke"))
+    curve = json_line("token_curve", out[-1])
+    assert set(curve) == {"LLM-QAT", "QAT-real"}
+    for method, points in curve.items():
+        assert set(points) == {"2", "4"}, points
+        for ppl in points.values():
+            assert set(ppl) == {"shakespeare_eval", "milton_valid"}
+            positive(*ppl.values())
+        assert f"{method} 512 tokens: " in "\n".join(out) and f"{method} 1024 tokens: " in "\n".join(out)
+    assert re.fullmatch(r"shakespeare_eval: ppl change per doubling of tokens LLM-QAT [-+]\d+\.\d{2}, "
+                        r"QAT-real [-+]\d+\.\d{2}", out[-2]), out[-2]
+    assert (committed.read_bytes() if committed.exists() else None) == before  # never the committed points
+
+
+def test_gpu_check_exactness_part_on_cpu(monkeypatch, capsys):
+    """Without CUDA the Triton path is the reference too: this runs the harness (cases, ties, the count)."""
+    gpu_check = load("gpu_check.py")
+    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_check.utils_quant, "USE_TRITON", gpu_check.utils_quant.USE_TRITON)  # restored after
+    monkeypatch.setattr(gpu_check, "SHAPES", [s for s in gpu_check.SHAPES if math.prod(s) <= 1 << 16])
+    assert gpu_check.check_exactness() == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("(i) Triton vs PyTorch reference")
+    cases = [line for line in out if re.fullmatch(r" {4}\(.*\) +\w+ +\d+ bits -> \w+ +q \S+  grad \S+", line)]
+    assert len(cases) >= 30 and all("MISMATCH" not in line for line in out)
+    assert len([line for line in out if line.startswith("    exact ties, ")]) == 4
+    assert out[-1] == "    0 mismatching case(s)"
+
+
+def test_gpu_check_without_cuda_says_so(monkeypatch):
+    gpu_check = load("gpu_check.py")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main([])
+    assert e.value.code == "gpu_check.py needs a CUDA GPU"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu_check.py's real run needs a CUDA GPU (none here)")
+def test_gpu_check_on_the_gpu():
+    out = lines(bench("gpu_check.py", "--skip_bench"))
+    assert "    0 mismatching case(s)" in out
+    for line in out[-3:]:
+        positive(*fields(r" {4}.{36} forward +(\d+)  backward +(\d+)  copy +(\d+)", line))
+
+
+def test_llama_cpp_check_without_llama_cpp_says_so(monkeypatch, tmp_path):
+    """One clear line when llama-cpp-python is missing (simulated, so that this runs where it is installed too)."""
+    check = load("llama_cpp_check.py")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else
+                        find_spec(name, *a))
+    with pytest.raises(SystemExit) as e:
+        check.main(["--quick", "--work_dir", str(tmp_path)])
+    assert str(e.value.code).startswith("error: llama_cpp_check.py needs llama-cpp-python (pip install ")
+    assert "\n" not in str(e.value.code) and not list(tmp_path.iterdir())  # at once, nothing written
+
+
+def test_llama_cpp_check_ours_only(tmp_path):
+    """The parts that need no llama.cpp (the full check: tests/test_gguf.py, where llama-cpp-python is installed)."""
+    out = lines(bench("llama_cpp_check.py", "--quick", "--ours_only", "--threads", 1, "--work_dir", tmp_path))
+    result = json_line("llama_cpp_check", out[-1])
+    assert set(result) == {"model", "setting", "gguf_mb", "fp16_gguf_mb", "ppl_ours_w_only", "ppl_windows",
+                           "tok_s_pytorch_export", "threads", "cpu"}
+    assert result["setting"] == "W4A8KV4" and result["ppl_windows"] == 4 and result["threads"] == 1
+    positive(result["gguf_mb"], result["fp16_gguf_mb"], result["ppl_ours_w_only"], result["tok_s_pytorch_export"])
+    assert result["gguf_mb"] < result["fp16_gguf_mb"]
+    assert (tmp_path / "gguf" / "W4A8KV4.gguf").is_file() and (tmp_path / "fp16.gguf").is_file()
+
+
+@pytest.mark.slow
+def test_roofline():
+    """benchmarks/roofline.py's own smoke run (its docstring's second command)."""
+    out = lines(bench("roofline.py", "--model", TINY_MODEL, "--steps", 2, "--rounds", 1, "--gen_ids", 8))
+    assert any(re.fullmatch(r"    quantizers +\d+\.\d{3} s +\d+\.\d%", line) for line in out), out  # the breakdown
+    positive(*fields(r"bf16_over_fp32_speedup (\d+\.\d{2})", next(line for line in out if line.startswith("bf16_over"))))
+    positive(*fields(r"gen_gemm_fraction (\d+\.\d+)", next(line for line in out if line.startswith("gen_gemm"))))
+    positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
+
+
+def test_every_benchmark_is_tested():
+    """Each benchmarks/*.py is run by a test above (names written out: a new script needs its own test)."""
+    scripts = {p.name for p in BENCH.glob("*.py")}
+    covered = {"bench_bf16.py", "bench_export.py", "bench_generate.py", "bench_host_memory.py", "bench_qat.py",
+               "gen_dtype.py", "gpu_check.py", "llama_cpp_check.py", "token_curve.py", "roofline.py"}
+    assert scripts <= covered, f"benchmarks without a test in tests/test_benchmarks.py: {sorted(scripts - covered)}"
+    source = open(__file__).read()
+    for name in covered:
+        assert re.search(rf'(bench|load)\("{re.escape(name)}"', source), f"{name}: listed but never run"

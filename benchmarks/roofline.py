@@ -1,7 +1,8 @@
 """Roofline of LLM-QAT on this machine: the QAT+KD training step and data-free generation against the measured
 matmul rate at their own shapes and thread count.
 
-(1) Generation (generate_data.py's decoder, utils.decode) at the table's batch: the matmul FLOPs of every
+(1) Generation (generate_data.py's decoder, utils.decode) at the table's batch (256 rows; 128 tokens, half the
+    table's length, by default): the matmul FLOPs of every
     linear call (recorded by forward hooks), the time the same matmuls take alone at this machine's measured
     rate (each distinct shape timed with torch.mm in the model's dtype), and the share of the decode time they
     account for. Last line of the section: `gen_gemm_fraction <x>`.
@@ -13,7 +14,7 @@ matmul rate at their own shapes and thread count.
 
 step_gemm_fraction = (time the step's matmuls take alone at the measured bf16 rate) / (bf16 QAT step time).
 
-    python benchmarks/roofline.py [--model smollm2] [--threads 2] [--parts gen,step] [--steps 4] [--rounds 2]
+    python benchmarks/roofline.py [--model smollm2] [--threads 2] [--parts gen,step] [--steps 4] [--rounds 3]
     python benchmarks/roofline.py --model assets/tiny_llama --steps 2 --rounds 1 --gen_ids 8   # the suite's smoke run
 """
 import argparse
@@ -50,10 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4, help="training blocks per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per training block")
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round (after 2 warm-ups)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of the three step variants (medians over all)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the three step variants (medians over all)")
     p.add_argument("--data", default=str(DATA / "shakespeare_train.jsonl"))
     p.add_argument("--optim", default=None, help="--optim of the training runs (default: train.py's)")
-    p.add_argument("--gen_ids", type=int, default=64, help="start ids generated (x3 prefix lengths)")
+    p.add_argument("--gen_ids", type=int, default=86, help="start ids generated (x3 prefix lengths: 258 sequences, "
+                   "so that the default batch is the table's, 256)")
     p.add_argument("--gen_batch", type=int, default=None, help="decode batch (default: generate_data.py's)")
     p.add_argument("--gen_max_length", type=int, default=128)
     p.add_argument("--gen_dtype", default="auto")
@@ -168,9 +170,9 @@ def breakdown(prof):
     return kinds, other
 
 
-def print_breakdown(kinds, other):
+def print_breakdown(kinds, other, steps=1):
     profiled = sum(kinds.values())
-    print(f"  breakdown of one profiled step (self time, {profiled:.2f} s under the profiler):")
+    print(f"  breakdown of a profiled step (self time, median of {steps}; {profiled:.2f} s under the profiler):")
     for k in KINDS:
         print(f"    {k:11s} {kinds[k]:7.3f} s  {kinds[k] / profiled:6.1%}")
     top = ", ".join(f"{n.removeprefix('aten::')} {s / profiled:.1%}" for n, s in other.most_common(6))
@@ -266,14 +268,15 @@ def step(args, path):
     # student forward + backward, teacher forward (embeddings tied to lm_head: the head's GEMMs count once each)
     shapes = linear_shapes(config, tokens, True) + linear_shapes(config, tokens, False)
     variants = [("qat_bf16", args.setting, True), ("kd_bf16", None, True), ("qat_fp32", args.setting, False)]
-    times, gemm, prof = collections.defaultdict(list), collections.defaultdict(list), None
+    times, gemm, profiles = collections.defaultdict(list), collections.defaultdict(list), []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name, setting, bf16 in variants if r % 2 == 0 else variants[::-1]:
-                profile = args.steps + 3 if r == 0 and name == "qat_bf16" else None
+                profile = args.steps + 3 if name == "qat_bf16" else None  # one profiled step per round
                 t, p = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile)
                 times[name] += t
-                prof = p or prof
+                if p is not None:
+                    profiles.append(breakdown(p))
             for dtype in (torch.bfloat16, torch.float32):
                 flops, seconds = gemm_time(shapes, dtype, args.reps)
                 gemm[dtype].append(seconds)
@@ -287,8 +290,10 @@ def step(args, path):
           f"{t['kd_bf16']:.3f} s")
     print(f"  step matmuls {flops / 1e12:.3f} TFLOP: achieved {flops / t['qat_bf16'] / 1e9:.0f} GFLOP/s in bf16, "
           f"{flops / t['qat_fp32'] / 1e9:.0f} GFLOP/s in fp32")
-    kinds, other = breakdown(prof)
-    print_breakdown(kinds, other)
+    # per kind, the median over the rounds' profiled steps (a stalled core doubles one step's every figure)
+    kinds = collections.Counter({k: statistics.median(p[0][k] for p in profiles) for k in KINDS})
+    other = collections.Counter({n: statistics.median(p[1][n] for p in profiles) for n in profiles[0][1]})
+    print_breakdown(kinds, other, len(profiles))
     print(f"bf16_over_fp32_speedup {t['qat_fp32'] / t['qat_bf16']:.2f}")
     print(f"qat_over_kd_step {t['qat_bf16'] / t['kd_bf16']:.3f}")
     print(f"fp32_step_gemm_fraction {g[torch.float32] / t['qat_fp32']:.3f}")

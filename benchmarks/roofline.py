@@ -229,7 +229,9 @@ class StepTimer(TrainerCallback):
         self.times, self.start, self.profile_step, self.prof = [], None, profile_step, None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.profile_step:
+        if state.global_step + 1 == self.profile_step:  # the labels and the profiler for this step only
+            self.labels = labelled()
+            self.labels.__enter__()
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.prof.__enter__()
         self.start = time.perf_counter()
@@ -238,6 +240,7 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
         if self.prof is not None and state.global_step == self.profile_step:
             self.prof.__exit__(None, None, None)
+            self.labels.__exit__(None, None, None)
 
 
 def train_step(args, path, tmp, name, setting, bf16, profile_step=None):
@@ -255,8 +258,7 @@ def train_step(args, path, tmp, name, setting, bf16, profile_step=None):
             "--log_level", "warning", "--logging_strategy", "no", "--disable_tqdm", "True", "--dataloader_pin_memory", "False", "--seed", "0"]
     if args.optim:
         argv += ["--optim", args.optim]
-    with labelled() if profile_step else contextlib.nullcontext():
-        run(*process_args(argv), callbacks=[timer])
+    run(*process_args(argv), callbacks=[timer])
     return timer.times[2:2 + args.steps], timer.prof  # the profiled step (the last) is not timed
 
 

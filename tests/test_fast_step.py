@@ -135,3 +135,17 @@ def test_training_uses_the_fused_adamw_unless_asked():
     from utils.process_args import process_args
     assert process_args(["--output_dir", "x"])[2].optim == "adamw_torch_fused"
     assert process_args(["--output_dir", "x", "--optim", "adamw_torch"])[2].optim == "adamw_torch"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_shared_input_under_gradient_checkpointing(reentrant):
+    """run_train.sh's GPU recipe recomputes each layer in the backward: the shared quantization must give the
+    same gradients as without checkpointing and without sharing."""
+    model = QuantSetting(4, 8, 4).apply(embedded().train())
+    ref = unshared(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = ids_for(model)
+    for m in (ref, model):
+        m(input_ids=ids).logits.square().mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9, msg=n)

@@ -14,29 +14,16 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.evaluate import evaluate  # noqa: E402
-from utils.process_args import process_args  # noqa: E402
-from utils.train_qat import run  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import timed_training  # noqa: E402  (the same Trainer run the roofline times)
 
 DATA = Path(__file__).resolve().parent.parent / "assets" / "data"
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self.start = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def median_step(times):
@@ -58,14 +45,7 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for bf16 in ("False", "True"):
-            timer = StepTimer()
-            run(*process_args([
-                "--input_model_filename", args.model, "--train_data_local_path", args.data, "--local_dir", tmp,
-                "--output_model_filename", f"bf16_{bf16}", "--do_train", "True", "--qat", "True", "--w_bits", "4",
-                "--a_bits", "8", "--kv_bits", "4", "--model_max_length", "256", "--per_device_train_batch_size", "4",
-                "--max_steps", str(args.steps), "--learning_rate", "1e-4", "--save_strategy", "no", "--report_to",
-                "none", "--use_cpu", str(not torch.cuda.is_available()), "--bf16", bf16, "--log_level", "warning",
-                "--dataloader_pin_memory", "False", "--seed", "0"]), callbacks=[timer])
+            timer = timed_training(args.model, args.data, tmp, f"bf16_{bf16}", "4-8-4", bf16 == "True", args.steps)
             ppl = evaluate(os.path.join(tmp, "models", f"bf16_{bf16}"), ppl_data=[args.valid], seq_len=256,
                            max_windows=args.max_windows, dtype="float32")
             name = "bf16" if bf16 == "True" else "fp32"

@@ -181,12 +181,10 @@ def print_breakdown(kinds, other, steps=1):
 
 # ---- (1) generation ----
 def generation(args, path):
-    from transformers import AutoTokenizer
     from utils.decode import Sampling, generate_batch
     from utils.generate import default_batch_size, eos_token_ids, load_generator, sequence_seed
 
     model = load_generator(path, args.gen_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     max_length = min(args.gen_max_length, model.config.max_position_embeddings)
     ids = list(range(100, 100 + args.gen_ids))
     pairs = [(i, j) for j in (3, 4, 5) for i in ids]
@@ -226,7 +224,7 @@ class StepTimer(TrainerCallback):
     """Each step's seconds; step `profile_step` (1-based) under torch.profiler."""
 
     def __init__(self, profile_step=None):
-        self.times, self.start, self.profile_step, self.prof = [], None, profile_step, None
+        self.times, self.start, self.profile_step, self.prof, self.labels = [], None, profile_step, None, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.profile_step:  # the labels and the profiler for this step only
@@ -243,22 +241,33 @@ class StepTimer(TrainerCallback):
             self.labels.__exit__(None, None, None)
 
 
-def train_step(args, path, tmp, name, setting, bf16, profile_step=None):
-    """The seconds of each training step after 2 warm-ups, and the profiler of one if asked."""
+def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4, seq=256, optim=None,
+                   profile_step=None):
+    """A QAT+KD training run through the real Trainer (lr 1e-4, seed 0, nothing saved but the student), with
+    a StepTimer: its per-step seconds, and the profiler of step `profile_step` if asked. setting "W-A-KV", or
+    None for the unquantized KD run. Shared with bench_bf16.py."""
     from utils.process_args import process_args
     from utils.train_qat import run
 
     w, a, kv = setting.split("-") if setting else ("32", "32", "32")
     timer = StepTimer(profile_step)
-    argv = ["--input_model_filename", path, "--train_data_local_path", args.data, "--local_dir", tmp,
+    argv = ["--input_model_filename", path, "--train_data_local_path", data, "--local_dir", out_dir,
             "--output_model_filename", name, "--qat", str(bool(setting)), "--w_bits", w, "--a_bits", a,
-            "--kv_bits", kv, "--model_max_length", str(args.seq), "--per_device_train_batch_size", str(args.batch),
-            "--max_steps", str(args.steps + 2 + bool(profile_step)), "--learning_rate", "1e-4", "--save_strategy", "no",
+            "--kv_bits", kv, "--model_max_length", str(seq), "--per_device_train_batch_size", str(batch),
+            "--max_steps", str(max_steps), "--learning_rate", "1e-4", "--save_strategy", "no",
             "--report_to", "none", "--use_cpu", str(not torch.cuda.is_available()), "--bf16", str(bf16),
-            "--log_level", "warning", "--logging_strategy", "no", "--disable_tqdm", "True", "--dataloader_pin_memory", "False", "--seed", "0"]
-    if args.optim:
-        argv += ["--optim", args.optim]
+            "--log_level", "warning", "--logging_strategy", "no", "--disable_tqdm", "True",
+            "--dataloader_pin_memory", "False", "--seed", "0"]
+    if optim:
+        argv += ["--optim", optim]
     run(*process_args(argv), callbacks=[timer])
+    return timer
+
+
+def train_step(args, path, tmp, name, setting, bf16, profile_step=None):
+    """The seconds of each training step after 2 warm-ups, and the profiler of one if asked."""
+    timer = timed_training(path, args.data, tmp, name, setting, bf16, args.steps + 2 + bool(profile_step),
+                           args.batch, args.seq, args.optim, profile_step)
     return timer.times[2:2 + args.steps], timer.prof  # the profiled step (the last) is not timed
 
 

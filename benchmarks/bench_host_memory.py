@@ -50,7 +50,10 @@ def main():
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if model is not None:
+            from utils.model_zoo import resolve_model
+            model = resolve_model(model)
+        else:
             model = os.path.join(tmp, "model")
             random_llama(model)
         n = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 2**20

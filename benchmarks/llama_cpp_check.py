@@ -102,7 +102,9 @@ def main(argv=None):
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = args.model
-    if model_dir is None:
+    if model_dir is not None:
+        model_dir = resolve_model(model_dir)
+    else:
         model_dir = work / "rtn_W4A8KV4"
         if not (model_dir / "config.json").is_file():
             m = QuantSetting(4, 8, 4).apply(AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL))

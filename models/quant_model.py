@@ -8,6 +8,7 @@ KV cache: by default the outputs of k_proj / v_proj are quantized per token acro
 before rotary embedding (the paper). `kv_post_rope=True` quantizes keys after RoPE instead, as
 serving engines cache them (models/kv_cache.py).
 """
+import copy
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -173,24 +174,24 @@ def _allocate_parameters(model):
 
 def read_config(path):
     """A model directory's config, or one clear error (no config.json, or one that does not parse)."""
+    if not (Path(path) / "config.json").is_file():  # checked first: transformers would ask the hub for a repo id
+        raise InputError(f"model {str(path)!r}: not a local Hugging Face model directory (no config.json)")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:  # transformers reports unparsable JSON as an OSError
-        if not (Path(path) / "config.json").is_file():
-            raise InputError(f"model {str(path)!r}: not a local Hugging Face model directory (no config.json)") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"model {str(path)!r}: cannot read its config.json ({reason})") from None
 
 
-def load_model(path, dtype=torch.float32, empty=False, **kwargs):
+def load_model(path, dtype=torch.float32, empty=False, config=None, **kwargs):
     """Load an HF causal LM; if its config carries a QuantSetting, rebuild the quantized model; an export.py
-    directory (packed integer weights) loads as load_exported.
+    directory (packed integer weights) loads as load_exported. config: path's, if already read.
 
     empty=True builds the same model without reading its weights (uninitialized parameters, real buffers):
     for FSDP ranks whose weights are broadcast from rank 0."""
-    config = read_config(path)
+    config = read_config(path) if config is None else copy.deepcopy(config)  # the model may change its own
     if hasattr(config, "llmqat_export"):
-        return load_exported(path)
+        return load_exported(path, config)
     if empty:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
@@ -203,10 +204,10 @@ def load_model(path, dtype=torch.float32, empty=False, **kwargs):
     return model
 
 
-def load_exported(path):
+def load_exported(path, config=None):
     """Load a checkpoint written by models.export.export: packed weights, and the QAT model's activation and KV
-    quantization."""
-    config = read_config(path)
+    quantization. config: path's, if already read."""
+    config = read_config(path) if config is None else copy.deepcopy(config)  # the model may change its own
     if not hasattr(config, "llmqat_export"):
         raise InputError(f"{path} is not an exported checkpoint (no llmqat_export in its config.json)")
     with init_empty_weights(include_buffers=False):  # parameters come from the files; buffers (RoPE) are computed

@@ -75,7 +75,7 @@ def test_omitted_widths_stay_32_and_a_quantized_model_refuses_rtn(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["/nonexistent/model"], "error: model '/nonexistent/model': not a local Hugging Face model directory"),
+    (["/nonexistent/model"], "error: model '/nonexistent/model': no such directory"),
     ([EMBEDDED_MODEL, "--w_bits", "5", "--kv_bits", "1"], "error: kv_bits=1 is not allowed"),
     ([EMBEDDED_MODEL, "--ppl_data", "/nonexistent.jsonl"], "error: data path '/nonexistent.jsonl': no such file"),
     ([EMBEDDED_MODEL, "--tasks", "no_such_task"], "no_such_task"),

@@ -218,8 +218,8 @@ def test_missing_model_exits_1_with_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "generate_data.py", "0", "--model", str(tmp_path / "nope"), "--out_dir",
                            str(tmp_path / "out")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"error: model {str(tmp_path / 'nope')!r}: not a local Hugging Face model " \
-                                  "directory (no config.json)"
+    assert proc.stderr.strip() == f"error: model {str(tmp_path / 'nope')!r}: no such directory (a model is a local " \
+                                  "Hugging Face directory with config.json, or a packaged name: smollm2)"
     assert not (tmp_path / "out").exists()
 
 

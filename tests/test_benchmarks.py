@@ -151,7 +151,7 @@ def test_token_curve_smoke():
     before = committed.read_bytes() if committed.exists() else None
     out = lines(bench("token_curve.py", "--smoke"))
     curve = json_line("token_curve", out[-1])
-    assert set(curve) == {"LLM-QAT", "QAT-real"}
+    assert set(curve) == {"LLM-QAT", "QAT-real", "QAT-real (modern)"}
     for method, points in curve.items():
         assert set(points) == {"2", "4"}, points
         for ppl in points.values():
@@ -159,7 +159,7 @@ def test_token_curve_smoke():
             positive(*ppl.values())
         assert f"{method} 512 tokens: " in "\n".join(out) and f"{method} 1024 tokens: " in "\n".join(out)
     assert re.fullmatch(r"shakespeare_eval: ppl change per doubling of tokens LLM-QAT [-+]\d+\.\d{2}, "
-                        r"QAT-real [-+]\d+\.\d{2}", out[-2]), out[-2]
+                        r"QAT-real [-+]\d+\.\d{2}, QAT-real \(modern\) [-+]\d+\.\d{2}", out[-2]), out[-2]
     assert (committed.read_bytes() if committed.exists() else None) == before  # never the committed points
 
 

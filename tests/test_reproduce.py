@@ -23,7 +23,7 @@ def quick(tmp_path_factory):
 def test_quick_run_writes_every_row_and_llm_qat_beats_rtn(quick):
     out, _, _ = quick
     rows = json.load(open(out / "tiny_table.json"))
-    assert [(r["method"], r["bits"]) for r in rows] == [(m, b) for m, b, _ in rows_to_run()]
+    assert [(r["method"], r["bits"]) for r in rows] == [(r.method, r.bits) for r in rows_to_run()]
     assert {r["method"] for r in rows} >= {"FP", "RTN", "SmoothQuant", "GPTQ", "LLM-QAT", "QAT-real"}
     assert {r["bits"] for r in rows} > set(BITS)
     for r in rows:

@@ -44,18 +44,19 @@ def plot(rows, path, title=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    bits = list(dict.fromkeys(r["bits"] for r in rows if r["method"] in METHODS))
+    methods = [m for m in (*METHODS, "QAT-real (modern)") if any(r["method"] == m for r in rows)]
+    bits = list(dict.fromkeys(r["bits"] for r in rows if r["method"] in methods))
     fp = next((r for r in rows if r["method"] == "FP"), None)
     if fp is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, key, label, scale in ((axes[0], "ppl", "held-out perplexity (lower is better)", 1),
                                   (axes[1], "acc", "next-line accuracy % (higher is better)", 100)):
-        width = 0.8 / len(METHODS)
-        for k, method in enumerate(METHODS):
+        width = 0.8 / len(methods)
+        for k, method in enumerate(methods):
             vals = [scale * next((r[key] for r in rows if r["method"] == method and r["bits"] == b), float("nan"))
                     for b in bits]
-            ax.bar([i + (k - (len(METHODS) - 1) / 2) * width for i in range(len(bits))], vals, width, label=method)
+            ax.bar([i + (k - (len(methods) - 1) / 2) * width for i in range(len(bits))], vals, width, label=method)
         ax.axhline(scale * fp[key], color="black", linestyle="--", linewidth=1, label="FP")
         ax.set_xticks(range(len(bits)), [f"W{b.replace('-', ' A', 1).replace('-', ' KV')}" for b in bits])
         ax.set_ylabel(label)
@@ -75,20 +76,34 @@ def pct(x):
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def spread_cell(v):
+    """mean (min-max) over seeds, or the one value."""
+    if v is None:
+        return "-"
+    mean, lo, hi, n = v
+    return fmt(mean) if n == 1 else f"{mean:.2f} ({lo:.2f}-{hi:.2f}, {n} seeds)"
+
+
 def markdown_real(rows, targets, mode, s, profile, pending):
-    """The real model's table: one perplexity column per held-out text."""
-    texts = list(profile.ppl_texts)
-    head = ("| Method | W-A-KV | Training data | " + " | ".join(f"ppl {t} ↓" for t in texts)
-            + " | Next-line acc ↑ |\n|" + "---|" * (4 + len(texts)) + "\n")
+    """The real model's table: one perplexity column per held-out text, one accuracy column per task; the
+    seeded rows' mean and spread; the comparisons the paper makes."""
+    texts, tasks = list(profile.ppl_texts), list(profile.tasks)
+    head = ("| Method | W-A-KV | Training data | " + " | ".join(f"ppl {t} ↓" for t in texts) + " | "
+            + " | ".join(f"acc {t} ↑" for t in tasks) + " |\n|" + "---|" * (3 + len(texts) + len(tasks)) + "\n")
+
+    def acc(r, task):
+        v = r.get("acc_by_task", {}).get(task, r["acc"] if task == tasks[0] else None)
+        return fmt(None if v is None else 100 * v, 1)
 
     def table(subset):
         return head + "".join(
             f"| {r['method']} | {r['bits']} | {r['data']} | "
-            + " | ".join(fmt(r.get("ppl_by_text", {}).get(t)) for t in texts)
-            + f" | {fmt(100 * r['acc'], 1)} |\n" for r in subset)
+            + " | ".join(fmt(r.get("ppl_by_text", {}).get(t)) for t in texts) + " | "
+            + " | ".join(acc(r, t) for t in tasks) + " |\n" for r in subset)
 
-    main = [r for r in rows if r["method"] in ("FP", *METHODS)]
-    ablation = [r for r in rows if r["bits"] == "4-8-4" and r["method"].startswith("LLM-QAT")]
+    first = [r for r in rows if not r.get("seed")]
+    main = [r for r in first if r["method"] in ("FP", *METHODS, "QAT-real (modern)")]
+    ablation = [r for r in first if r["bits"] == "4-8-4" and r["method"].startswith("LLM-QAT")]
     choice = s.get("lr_choice")
     lr = (f"lr {choice['lr']:g}, chosen on milton_valid (Paradise Regained) from "
           + ", ".join(f"{k}: ppl {v}" for k, v in choice["tried"].items()) + f" after {choice['blocks']} blocks"
@@ -98,20 +113,33 @@ def markdown_real(rows, targets, mode, s, profile, pending):
              f"({s['blocks'] * 256 * s['epochs']} tokens), batch 4, {lr}; KD from the FP model, bf16 autocast with "
              "fp32 master weights. Held-out ppl: windows of 256 tokens"
              + (f" (the first {s['eval_windows']} per text)" if s["eval_windows"] else "")
-             + "; next-line acc: zero-shot 4-way choice of the true next line (lm-eval task shakespeare_nextline"
-             + (f", first {s['limit']} questions" if s["limit"] else "") + ", chance 25%).\n",
+             + "; acc: zero-shot 4-way choice of the true next line / sentence (lm-eval tasks "
+             + ", ".join(tasks) + (f", first {s['limit']} questions each" if s["limit"] else "") + ", chance 25%). "
+             "Real text: Shakespeare's plays (QAT-real) or the Debian handbook's training chapters (QAT-real "
+             "(modern)); handbook_heldout is the handbook's held-out chapters, pydocs_heldout the Python tutorial "
+             "(from neither training source). A '-' is a text or task the row has not been scored on yet.\n",
              table(main), "\n## Generation ablation at W4-A8-KV4 (same token count)\n\n", table(ablation)]
+    seeds = targets.get("seeds_4-8-4", {})
+    if any(v for m in seeds.values() for v in m.values()):
+        lines.append("\n## How much a rerun moves a row: W4-A8-KV4 over seeds (data order and samples)\n\n"
+                     "| Method | " + " | ".join(f"ppl {t}" for t in texts) + " |\n|" + "---|" * (1 + len(texts))
+                     + "\n" + "".join(f"| {m} | " + " | ".join(spread_cell(by_text.get(t)) for t in texts) + " |\n"
+                                      for m, by_text in seeds.items()))
+        versus = targets.get("llm_qat_vs_4-8-4", {})
+        lines.append("\nLLM-QAT against each at 4-8-4 (a difference inside a seed range is a tie): " + "; ".join(
+            f"{other}: " + ", ".join(f"{t} {v or '-'}" for t, v in by_text.items()) for other, by_text in versus.items())
+            + ".\n")
     if pending:
         lines.append("\n## Pending rows (not computed yet; rerun to continue)\n\n"
-                     + ", ".join(f"{m} {b}" for m, b in pending) + "\n")
+                     + ", ".join(r.slug for r in pending) + "\n")
     rec = targets.get("recovered_gap_4-8-4_by_text", {})
     lines.append("\n## Targets\n\n- LLM-QAT 4-8-4 recovers of the gap RTN 4-8-4 opens against FP (target >= 70%): "
                  + ", ".join(f"{t} {pct(v)}" for t, v in rec.items()) + ".\n")
     ratio = targets.get("llm_qat_8-8-8_over_fp")
     lines.append(f"- LLM-QAT 8-8-8 vs FP (target within 3%): {'-' if ratio is None else f'{100 * (ratio - 1):+.2f}%'}.\n")
-    for other in ("GPTQ", "SmoothQuant", "QAT-real"):
+    for other in ("GPTQ", "SmoothQuant", "QAT-real", "QAT-real (modern)"):
         won = targets.get(f"llm_qat_beats_{other}", {})
-        lines.append(f"- LLM-QAT below {other}: " + ", ".join(
+        lines.append(f"- LLM-QAT below {other} (first text): " + ", ".join(
             f"{b} {'-' if v is None else 'yes' if v else 'no'}" for b, v in won.items()) + ".\n")
     order = targets.get("ablation_in_paper_order")
     lines.append(f"- Generation ablation hybrid <= pure sampling <= pure greedy: "

@@ -22,6 +22,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +35,24 @@ from utils.evaluate import evaluate, write_json
 BITS = ("4-8-4", "4-8-8", "4-16-16", "8-8-4", "8-8-8")
 DATA = REPO / "assets" / "data"
 REAL_TEXT = str(DATA / "shakespeare_train.jsonl")
+MODERN_TEXT = str(DATA / "handbook_train.jsonl")  # tools/get_modern_text.py: the handbook's training chapters
 TASK = "shakespeare_nextline"
+MODERN_TASK = "pydocs_nextsentence"
+
+
+class Row(NamedTuple):
+    """One row of the table: method, W-A-KV label, training data (None: training-free; "calib": calibrated on the
+    generated text; else a generation mode or a key of Profile.real_texts), and the seed of its data order and
+    samples (0: the table's row; others: the replicas that measure how much a rerun moves it)."""
+    method: str
+    bits: str
+    data: str = None
+    seed: int = 0
+
+    @property
+    def slug(self):
+        name = self.method.replace(" ", "_").replace("(", "").replace(")", "")
+        return f"{name}_{self.bits}" + (f"_seed{self.seed}" if self.seed else "")
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,11 @@ class Profile:
     gen_dtype: str = "float32"
     train_bf16: bool = False  # bf16 autocast with fp32 master weights (CPUs with native bf16)
     eval_dtype: str = "float32"
+    tasks: tuple = (TASK,)  # zero-shot tasks; the first is the table's "acc"
+    real_texts: dict = field(default_factory=lambda: {"real": REAL_TEXT})  # QAT-real's training texts by data key
+    modern_bits: tuple = ()  # the settings of QAT-real (modern)
+    seeds: tuple = (0,)  # every seed of the seeded rows at 4-8-4
+    seeded: tuple = ()  # the methods rerun with every seed
 
 
 TINY = Profile(
@@ -62,7 +85,9 @@ TINY = Profile(
     })
 SMOLLM2 = Profile(
     "smollm2", "smollm2_table", "SmolLM2-135M (a real pretrained LLaMA)", ("4-8-4", "4-8-8", "4-16-16", "8-8-8"),
-    {"shakespeare_eval": EMBEDDED_EVAL, "milton_areopagitica": str(DATA / "milton_areopagitica.jsonl")}, {
+    {"shakespeare_eval": EMBEDDED_EVAL, "milton_areopagitica": str(DATA / "milton_areopagitica.jsonl"),
+     "handbook_heldout": str(DATA / "handbook_heldout.jsonl"), "pydocs_heldout": str(DATA / "pydocs_heldout.jsonl")},
+    {
         # start ids: range(*start_ids) for the hybrid (3 sequences per id: j = 3, 4, 5), range(*ablation_ids)
         # for the one-sequence-per-id ablations, so every corpus has about the same number of sequences
         "full": dict(start_ids=(0, 49152, 96), ablation_ids=(0, 49152, 32), gen_length=256, blocks=600, epochs=1,
@@ -72,72 +97,79 @@ SMOLLM2 = Profile(
                       lr=None, tune_blocks=4, lr_candidates=(2e-5, 1e-4), eval_windows=4, limit=8, save_steps=4),
     },
     generation={"hybrid": (3, 4, 5), "sampling": (1,), "greedy": (None,)},
-    gen_dtype="bfloat16", train_bf16=True, eval_dtype="float32")
+    gen_dtype="bfloat16", train_bf16=True, eval_dtype="float32", tasks=(TASK, MODERN_TASK),
+    real_texts={"real": REAL_TEXT, "real_modern": MODERN_TEXT}, modern_bits=("4-8-4", "4-8-8", "4-16-16", "8-8-8"),
+    seeds=(0, 1, 2), seeded=("LLM-QAT", "QAT-real", "QAT-real (modern)"))
 PROFILES = {"tiny": TINY, "smollm2": SMOLLM2}
 SETTINGS = TINY.settings
 
 
 def rows_to_run(profile=TINY):
-    """(method, bits, training data or None) of every row, in table order."""
+    """Every Row, in table order: the table's rows (seed 0), then the seeded replicas."""
     bits = profile.bits
-    rows = [("FP", "32-32-32", None)] + [("RTN", b, None) for b in bits]
-    rows += [("SmoothQuant", b, "calib") for b in bits] + [("GPTQ", b, "calib") for b in bits]
-    rows += [("LLM-QAT", b, "hybrid") for b in bits] + [("QAT-real", b, "real") for b in bits]
-    rows += [("LLM-QAT (pure sampling)", "4-8-4", "sampling"), ("LLM-QAT (pure greedy)", "4-8-4", "greedy")]
+    rows = [Row("FP", "32-32-32")] + [Row("RTN", b) for b in bits]
+    rows += [Row("SmoothQuant", b, "calib") for b in bits] + [Row("GPTQ", b, "calib") for b in bits]
+    rows += [Row("LLM-QAT", b, "hybrid") for b in bits] + [Row("QAT-real", b, "real") for b in bits]
+    rows += [Row("QAT-real (modern)", b, "real_modern") for b in profile.modern_bits]
+    rows += [Row("LLM-QAT (pure sampling)", "4-8-4", "sampling"), Row("LLM-QAT (pure greedy)", "4-8-4", "greedy")]
+    rows += [r._replace(seed=k) for k in profile.seeds[1:] for r in rows if r.bits == "4-8-4" and r.method in
+             profile.seeded]
     return rows
 
 
-HEADLINE = ("FP", "RTN", "LLM-QAT", "GPTQ", "SmoothQuant", "QAT-real")
+HEADLINE = ("FP", "RTN", "LLM-QAT", "QAT-real (modern)", "QAT-real", "GPTQ", "SmoothQuant")
 
 
 def run_order(rows):
     """The order rows are computed in: the 4-8-4 comparison first, FP, RTN and LLM-QAT leading (a run cut short
-    still has the headline), then the ablations, then the other settings in table order."""
+    still has the headline), then the seeded replicas, the ablations, then the other settings in table order."""
     def key(row):
-        method, bits, _ = row
-        if method == "FP" or (bits == "4-8-4" and method in HEADLINE):
-            return (0, HEADLINE.index(method))
-        return (1 if bits == "4-8-4" else 2, rows.index(row))
+        if row.method == "FP" or (row.bits == "4-8-4" and row.method in HEADLINE and not row.seed):
+            return (0, HEADLINE.index(row.method))
+        return (1 if row.seed else 2 if row.bits == "4-8-4" else 3, rows.index(row))
     return sorted(rows, key=key)
 
 
-def slug(method, bits):
-    return f"{method.replace(' ', '_').replace('(', '').replace(')', '')}_{bits}"
+def slug(method, bits, seed=0):
+    return Row(method, bits, seed=seed).slug
 
 
-def generated_text(mode, s, work, profile=TINY):
-    """Generate this mode's sequences (greedy prefix lengths per start id), shuffled into one training file
-    (resumable: the shard completes, then the merge)."""
+def generated_text(mode, s, work, profile=TINY, seed=0):
+    """Generate this mode's sequences (greedy prefix lengths per start id, sampled with seed), shuffled with the
+    same seed into one training file (resumable: the shard completes, then the merge)."""
     from utils.generate import generate_shard
     from utils.merge import merge_shards
-    out = os.path.join(work, f"gen_{mode}.jsonl")
+    tag = mode + (f"_seed{seed}" if seed else "")
+    out = os.path.join(work, f"gen_{tag}.jsonl")
     if not os.path.exists(out):
         ids = range(*s["start_ids"] if mode == "hybrid" or "ablation_ids" not in s else s["ablation_ids"])
-        gen_dir = os.path.join(work, f"gen_{mode}")
+        gen_dir = os.path.join(work, f"gen_{tag}")
         prefixes = [j or s["gen_length"] for j in profile.generation[mode]]
         # the shard's file number is that of the original's n_vocab slicing (an earlier work dir resumes)
         shard = ids.start // len(ids) if ids.step == 1 else 0
-        generate_shard(profile.model, ids, gen_dir, shard, prefixes, s["gen_length"], dtype=profile.gen_dtype)
-        merge_shards(gen_dir, out, shuffle=True, seed=0)
+        generate_shard(profile.model, ids, gen_dir, shard, prefixes, s["gen_length"], seed=seed,
+                       dtype=profile.gen_dtype)
+        merge_shards(gen_dir, out, shuffle=True, seed=seed)
     return out
 
 
-def real_text(work):
-    """The pretraining text, shuffled (so the first blocks sample every play)."""
-    out = os.path.join(work, "real.jsonl")
+def real_text(work, key="real", profile=TINY, seed=0):
+    """A real text (Profile.real_texts[key]), shuffled with seed (so the first blocks sample all of it)."""
+    out = os.path.join(work, key + (f"_seed{seed}" if seed else "") + ".jsonl")
     if not os.path.exists(out):
-        texts = read_texts(REAL_TEXT)
-        random.Random(0).shuffle(texts)
+        texts = read_texts(profile.real_texts[key])
+        random.Random(seed).shuffle(texts)
         write_texts(out, texts)
     return out
 
 
-def train(method, bits, data, s, work, profile=TINY, lr=None):
+def train(method, bits, data, s, work, profile=TINY, lr=None, seed=0):
     """LLM-QAT training through train.py's own code path; returns the student's directory and seconds.
-    With save_steps, Trainer checkpoints go to <work>/checkpoints/<row> and a rerun resumes from the last one."""
+    With save_steps, Trainer checkpoints go to <work>/checkpoints/<row> and a rerun resumes from the last one.
+    The seed sets the Trainer's (data order)."""
     from utils.process_args import DataArguments, ModelArguments, TrainingArguments, complete_args
     from utils.train_qat import run
-    name = slug(method, bits) + ("" if lr is None else f"_lr{lr:g}")
+    name = slug(method, bits, seed) + ("" if lr is None else f"_lr{lr:g}")
     model_dir = os.path.join(work, "models", name)
     if os.path.isdir(model_dir):
         return model_dir, None
@@ -153,28 +185,31 @@ def train(method, bits, data, s, work, profile=TINY, lr=None):
         DataArguments(train_data_local_path=data, max_train_samples=s["blocks"]),
         TrainingArguments(do_train=True, do_eval=False, model_max_length=256, per_device_train_batch_size=4,
                           num_train_epochs=s["epochs"], learning_rate=lr or s["lr"], lr_scheduler_type="cosine",
-                          warmup_steps=0, weight_decay=0.0, seed=0, logging_steps=10, report_to="none",
+                          warmup_steps=0, weight_decay=0.0, seed=seed, logging_steps=10, report_to="none",
                           bf16=profile.train_bf16, log_level="warning", **saving,
+                          **({"max_steps": s["max_steps"]} if s.get("max_steps") else {}),  # past the data: repeats
                           **({} if torch.cuda.is_available() else dict(use_cpu=True, dataloader_pin_memory=False)))))
     shutil.rmtree(os.path.join(work, "checkpoints", name), ignore_errors=True)  # the student is saved: free the disk
     return model_dir, time.time() - start
 
 
-def row_path(method, bits, work):
-    return os.path.join(work, "rows", slug(method, bits) + ".json")
+def row_path(row, work):
+    return os.path.join(work, "rows", row.slug + ".json")
 
 
-def evaluate_row(model, s, profile, setting=None, baseline=None, calib_data=None):
-    """eval.py's evaluate() on a model: perplexity on each text, zero-shot TASK."""
+def evaluate_row(model, s, profile, setting=None, baseline=None, calib_data=None, texts=None, tasks=None):
+    """eval.py's evaluate() on a model: perplexity on each text and each zero-shot task (default: the profile's)."""
+    texts = list(profile.ppl_texts) if texts is None else texts
+    tasks = list(profile.tasks) if tasks is None else tasks
     return evaluate(model, setting, baseline, alpha=0.5 if baseline == "SmoothQuant" else None,
-                    ppl_data=list(profile.ppl_texts.values()), seq_len=256, tasks=TASK, batch_size=8,
-                    dtype="auto" if profile is TINY else profile.eval_dtype, max_windows=s["eval_windows"] or None,
-                    limit=s["limit"] or None, calib_data=calib_data)
+                    ppl_data=[profile.ppl_texts[t] for t in texts], seq_len=256, tasks=",".join(tasks) or None,
+                    batch_size=8, dtype="auto" if profile is TINY else profile.eval_dtype,
+                    max_windows=s["eval_windows"] or None, limit=s["limit"] or None, calib_data=calib_data)
 
 
-def saved_row(method, bits, work, keep_dir=None):
+def saved_row(row, work, keep_dir=None):
     """A row finished before: under the work directory, or kept in keep_dir by an earlier session; else None."""
-    path = row_path(method, bits, work)
+    path = row_path(row, work)
     for p in (path, keep_dir and os.path.join(keep_dir, os.path.basename(path))):
         if p and os.path.exists(p):
             with open(p) as f:
@@ -182,35 +217,85 @@ def saved_row(method, bits, work, keep_dir=None):
     return None
 
 
-def row_result(method, bits, data, s, work, profile=TINY, keep_dir=None):
-    if (row := saved_row(method, bits, work, keep_dir)) is not None:
-        return row
-    path = row_path(method, bits, work)
+def missing(saved, profile):
+    """(texts, tasks) of the profile a saved row was not scored on (rows from before a text or task was added)."""
+    texts = saved.get("ppl_by_text") or {next(iter(profile.ppl_texts)): saved["ppl"]}
+    accs = saved.get("acc_by_task") or {profile.tasks[0]: saved["acc"]}
+    return [t for t in profile.ppl_texts if t not in texts], [t for t in profile.tasks if t not in accs]
+
+
+def training_text(row, s, work, profile):
+    if row.data in profile.real_texts:
+        return real_text(work, row.data, profile, row.seed)
+    return generated_text(row.data, s, work, profile, row.seed)
+
+
+def cpu_name():
+    """The CPU a row was computed on (fp32 matmuls that round differently between CPUs move A8/KV4 rows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+    except OSError:
+        name = None
+    return f"{name or 'unknown CPU'}, {torch.get_num_threads()} threads"
+
+
+DATA_LABEL = {None: "none", "real": "real text", "real_modern": "real text (modern)",
+              "calib": "calibration: generated (hybrid)"}
+
+
+def scores(r, profile):
+    """ppl_by_text and acc_by_task of an evaluate() result, rounded."""
+    return ({name: round(v["ppl"], 4) for name, v in r["ppl"].items()},
+            {name: round(v["acc"], 4) for name, v in r["tasks"].items()})
+
+
+def row_result(row, s, work, profile=TINY, keep_dir=None):
+    """A row's json: computed, or saved before; a saved row lacking a text or task of the profile is scored on
+    those (a trained row's student is trained again if it is gone, and the new run replaces the row whole)."""
+    path = row_path(row, work)
     kept = None if keep_dir is None else os.path.join(keep_dir, os.path.basename(path))
+    setting = None if row.method == "FP" else QuantSetting.parse(row.bits)
+    baseline = None if row.method == "FP" else row.method
+    calib = [generated_text("hybrid", s, work, profile)] if row.data == "calib" else None
+    student = os.path.join(work, "models", row.slug)
+    if (saved := saved_row(row, work, keep_dir)) is not None:
+        texts, tasks = missing(saved, profile)
+        if not texts and not tasks:
+            return saved
+        if row.data in (None, "calib") or os.path.isdir(student):
+            args = (student, s, profile) if row.data not in (None, "calib") else (profile.model, s, profile, setting,
+                                                                                   baseline, calib)
+            by_text, by_task = scores(evaluate_row(*args, texts=texts, tasks=tasks), profile)
+            saved["ppl_by_text"] = {**saved.get("ppl_by_text", {}), **by_text}
+            saved["acc_by_task"] = {**saved.get("acc_by_task", {profile.tasks[0]: saved["acc"]}), **by_task}
+            saved["scored_later"] = sorted({*saved.get("scored_later", ()), *texts, *tasks, "cpu: " + cpu_name()})
+            for p in filter(None, (path, kept)):
+                write_json(p, saved)
+            return saved
     train_seconds = None
-    if data in (None, "calib"):  # the training-free rows; calibrated on the generated text LLM-QAT trains on
-        setting = None if method == "FP" else QuantSetting.parse(bits)
-        calib = [generated_text("hybrid", s, work, profile)] if data == "calib" else None
-        r = evaluate_row(profile.model, s, profile, setting, None if method == "FP" else method, calib)
+    if row.data in (None, "calib"):  # the training-free rows; calibrated on the generated text LLM-QAT trains on
+        r = evaluate_row(profile.model, s, profile, setting, baseline, calib)
     else:
-        source = real_text(work) if data == "real" else generated_text(data, s, work, profile)
-        model, train_seconds = train(method, bits, source, s, work, profile, s.get("chosen_lr"))
+        model, train_seconds = train(row.method, row.bits, training_text(row, s, work, profile), s, work, profile,
+                                     s.get("chosen_lr"), row.seed)
         r = evaluate_row(model, s, profile)
     first = next(iter(profile.ppl_texts))
-    ppl, task = r["ppl"][first], r["tasks"][TASK]
-    row = {"method": method, "bits": bits, "ppl": round(ppl["ppl"], 4), "acc": round(task["acc"], 4),
+    ppl, task = r["ppl"][first], r["tasks"][profile.tasks[0]]
+    out = {"method": row.method, "bits": row.bits, "ppl": round(ppl["ppl"], 4), "acc": round(task["acc"], 4),
            "acc_norm": None if task.get("acc_norm") is None else round(task["acc_norm"], 4),
-           "data": {None: "none", "real": "real text", "calib": "calibration: generated (hybrid)"}.get(
-               data, f"generated ({data})"),
-           "train_tokens": None if data in (None, "calib") else s["blocks"] * 256 * s["epochs"],
+           "data": DATA_LABEL.get(row.data, f"generated ({row.data})"),
+           "train_tokens": None if row.data in (None, "calib") else s["blocks"] * 256 * s["epochs"],
            "train_seconds": None if train_seconds is None else round(train_seconds, 1),
            "eval_windows": ppl["windows"], "task_docs": task["n"]}
+    if row.seed:
+        out["seed"] = row.seed
     if profile is not TINY:
-        row["ppl_by_text"] = {name: round(v["ppl"], 4) for name, v in r["ppl"].items()}
-    write_json(path, row)
-    if kept:
-        write_json(kept, row)
-    return row
+        out["ppl_by_text"], out["acc_by_task"] = scores(r, profile)
+        out["cpu"] = cpu_name()
+    for p in filter(None, (path, kept)):
+        write_json(p, out)
+    return out
 
 
 def choose_lr(s, work, profile, keep_dir):
@@ -235,11 +320,40 @@ def choose_lr(s, work, profile, keep_dir):
     return choice
 
 
+def select_rows(plan, spec):
+    """The rows of the plan that --rows names (all without it); a name that matches none is one error line."""
+    if spec is None:
+        return set(plan)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    chosen = {r for r in plan if r.slug in names or r.method in names}
+    unknown = [n for n in names if not any(n in (r.slug, r.method) for r in plan)]
+    if unknown or not chosen:
+        raise InputError(f"--rows {spec!r}: no row named {', '.join(unknown) or spec!r}; rows: "
+                         + ", ".join(r.slug for r in plan))
+    return chosen
+
+
+def spread(rows, method, bits, text):
+    """(mean, min, max, n) of a text's perplexity over the seeds of a row; None without one."""
+    vals = [r["ppl_by_text"][text] for r in rows if r["method"] == method and r["bits"] == bits
+            and text in r.get("ppl_by_text", {})]
+    return None if not vals else (sum(vals) / len(vals), min(vals), max(vals), len(vals))
+
+
+def compare(a, b):
+    """'below' / 'above' / 'tie' for two spreads: a difference inside either's seed range is a tie."""
+    if a is None or b is None:
+        return None
+    if a[3] == 1 and b[3] == 1:
+        return "below" if a[0] < b[0] else "above"
+    return "below" if a[2] < b[1] else "above" if a[1] > b[2] else "tie"
+
+
 def targets(rows, profile=TINY):
     """The targets, measured on the rows there are: gap recovery at 4-8-4 (per text), LLM-QAT 8-8-8 against FP,
     LLM-QAT against GPTQ / SmoothQuant / QAT-real per setting, the generation ablation's order."""
     def ppl(method, bits, text=None):
-        r = next((r for r in rows if r["method"] == method and r["bits"] == bits), None)
+        r = next((r for r in rows if r["method"] == method and r["bits"] == bits and not r.get("seed")), None)
         return None if r is None else r["ppl"] if text is None else r.get("ppl_by_text", {}).get(text)
 
     def recovery(text=None):
@@ -251,9 +365,12 @@ def targets(rows, profile=TINY):
     if profile is TINY:
         return out
     out["recovered_gap_4-8-4_by_text"] = {t: recovery(t) for t in profile.ppl_texts}
-    for other in ("GPTQ", "SmoothQuant", "QAT-real"):
+    for other in ("GPTQ", "SmoothQuant", "QAT-real", "QAT-real (modern)"):
         out[f"llm_qat_beats_{other}"] = {b: None if None in (ppl("LLM-QAT", b), ppl(other, b))
                                          else ppl("LLM-QAT", b) < ppl(other, b) for b in profile.bits}
+    out["seeds_4-8-4"] = {m: {t: spread(rows, m, "4-8-4", t) for t in profile.ppl_texts} for m in profile.seeded}
+    out["llm_qat_vs_4-8-4"] = {other: {t: compare(spread(rows, "LLM-QAT", "4-8-4", t), spread(rows, other, "4-8-4", t))
+                                       for t in profile.ppl_texts} for other in profile.seeded[1:]}
     order = [ppl("LLM-QAT", "4-8-4"), ppl("LLM-QAT (pure sampling)", "4-8-4"), ppl("LLM-QAT (pure greedy)", "4-8-4")]
     out["ablation_in_paper_order"] = None if None in order else order[0] <= order[1] <= order[2]
     return out
@@ -270,6 +387,9 @@ def main(argv=None):
                    "(default: output/reproduce_<model>[_quick])")
     p.add_argument("--settings", default=None, help="JSON overriding settings of the mode, e.g. "
                    "'{\"blocks\": 400}' (recorded in the work directory's settings.json)")
+    p.add_argument("--rows", default=None, help="compute only these rows: a comma list of row names "
+                   "(LLM-QAT_4-8-4, LLM-QAT_4-8-4_seed1) or methods ('QAT-real (modern)'); the report shows every "
+                   "finished row")
     p.add_argument("--report_only", action="store_true", help="write the table from the rows finished so far "
                    "(the others marked pending); computes nothing")
     args = p.parse_args(argv)
@@ -293,29 +413,30 @@ def main(argv=None):
         elif not args.report_only:
             write_json(meta_path, meta)
     plan, start = rows_to_run(profile), time.time()
+    chosen = select_rows(plan, args.rows)
     results = {}
-    if not args.report_only:
-        for k, (method, bits, data) in enumerate(run_order(plan), 1):
-            done = saved_row(method, bits, work, keep_dir) is not None
-            if not done and data not in (None, "calib") and s.get("lr") is None and "chosen_lr" not in s:
-                choice = choose_lr(s, work, profile, keep_dir)  # before the first trained row
-                s["chosen_lr"], s["lr_choice"] = choice["lr"], choice
-                print(f"learning rate {choice['lr']:g} (milton_valid ppl {choice['tried']})", flush=True)
-            cached = " (done before)" if done else ""
-            print(f"[{k}/{len(plan)}] {method} {bits}{cached} ({time.time() - start:.0f} s so far)", flush=True)
-            results[(method, bits)] = row_result(method, bits, data, s, work, profile, keep_dir)
-    else:
-        for method, bits, _ in plan:
-            if (row := saved_row(method, bits, work, keep_dir)) is not None:
-                results[(method, bits)] = row
+    for k, row in enumerate(run_order(plan), 1):
+        saved = saved_row(row, work, keep_dir)
+        if args.report_only or row not in chosen:
+            if saved is not None:
+                results[row] = saved
+            continue
+        done = saved is not None and missing(saved, profile) == ([], [])
+        if not done and row.data not in (None, "calib") and s.get("lr") is None and "chosen_lr" not in s:
+            choice = choose_lr(s, work, profile, keep_dir)  # before the first trained row
+            s["chosen_lr"], s["lr_choice"] = choice["lr"], choice
+            print(f"learning rate {choice['lr']:g} (milton_valid ppl {choice['tried']})", flush=True)
+        cached = " (done before)" if done else ""
+        print(f"[{k}/{len(plan)}] {row.slug}{cached} ({time.time() - start:.0f} s so far)", flush=True)
+        results[row] = row_result(row, s, work, profile, keep_dir)
     if "lr_choice" not in s:
         choice_path = keep_dir and os.path.join(keep_dir, "lr_choice.json")
         if choice_path and os.path.exists(choice_path):
             with open(choice_path) as f:
                 s["lr_choice"] = json.load(f)
             s["chosen_lr"] = s["lr_choice"]["lr"]
-    rows = [results[(m, b)] for m, b, _ in plan if (m, b) in results]
-    pending = [(m, b) for m, b, _ in plan if (m, b) not in results]
+    rows = [results[r] for r in plan if r in results]
+    pending = [r for r in plan if r not in results]
     from utils.report import write_report
     write_report(rows, targets(rows, profile), mode, s, out_dir, profile, pending)
     print(f"{len(rows)} rows in {time.time() - start:.0f} s -> {out_dir}/{profile.table}.md, .json, .png"

@@ -257,15 +257,18 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
     kept = None if keep_dir is None else os.path.join(keep_dir, os.path.basename(path))
     setting = None if row.method == "FP" else QuantSetting.parse(row.bits)
     baseline = None if row.method == "FP" else row.method
-    calib = [generated_text("hybrid", s, work, profile)] if row.data == "calib" else None
     student = os.path.join(work, "models", row.slug)
+
+    def calib():  # generated only when a calibrated row is computed (a saved row needs none)
+        return [generated_text("hybrid", s, work, profile)] if row.data == "calib" else None
+
     if (saved := saved_row(row, work, keep_dir)) is not None:
         texts, tasks = missing(saved, profile)
         if not texts and not tasks:
             return saved
         if row.data in (None, "calib") or os.path.isdir(student):
             args = (student, s, profile) if row.data not in (None, "calib") else (profile.model, s, profile, setting,
-                                                                                   baseline, calib)
+                                                                                   baseline, calib())
             by_text, by_task = scores(evaluate_row(*args, texts=texts, tasks=tasks), profile)
             saved["ppl_by_text"] = {**saved.get("ppl_by_text", {}), **by_text}
             saved["acc_by_task"] = {**saved.get("acc_by_task", {profile.tasks[0]: saved["acc"]}), **by_task}
@@ -275,7 +278,7 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
             return saved
     train_seconds = None
     if row.data in (None, "calib"):  # the training-free rows; calibrated on the generated text LLM-QAT trains on
-        r = evaluate_row(profile.model, s, profile, setting, baseline, calib)
+        r = evaluate_row(profile.model, s, profile, setting, baseline, calib())
     else:
         model, train_seconds = train(row.method, row.bits, training_text(row, s, work, profile), s, work, profile,
                                      s.get("chosen_lr"), row.seed)

@@ -99,7 +99,7 @@ SMOLLM2 = Profile(
     generation={"hybrid": (3, 4, 5), "sampling": (1,), "greedy": (None,)},
     gen_dtype="bfloat16", train_bf16=True, eval_dtype="float32", tasks=(TASK, MODERN_TASK),
     real_texts={"real": REAL_TEXT, "real_modern": MODERN_TEXT}, modern_bits=("4-8-4", "4-8-8", "4-16-16", "8-8-8"),
-    seeds=(0, 1, 2), seeded=("LLM-QAT", "QAT-real", "QAT-real (modern)"))
+    seeds=(0, 1, 2), seeded=("LLM-QAT", "QAT-real (modern)", "QAT-real"))
 PROFILES = {"tiny": TINY, "smollm2": SMOLLM2}
 SETTINGS = TINY.settings
 
@@ -112,8 +112,8 @@ def rows_to_run(profile=TINY):
     rows += [Row("LLM-QAT", b, "hybrid") for b in bits] + [Row("QAT-real", b, "real") for b in bits]
     rows += [Row("QAT-real (modern)", b, "real_modern") for b in profile.modern_bits]
     rows += [Row("LLM-QAT (pure sampling)", "4-8-4", "sampling"), Row("LLM-QAT (pure greedy)", "4-8-4", "greedy")]
-    rows += [r._replace(seed=k) for k in profile.seeds[1:] for r in rows if r.bits == "4-8-4" and r.method in
-             profile.seeded]
+    first = {r.method: r for r in rows if r.bits == "4-8-4"}
+    rows += [first[m]._replace(seed=k) for k in profile.seeds[1:] for m in profile.seeded]
     return rows
 
 

@@ -1,10 +1,15 @@
 """Learned weight ranges (--w_quantizer lsq / seq): lsq starts at absmax's grid bit for bit, the range's gradient
 against a hand computation and against autograd of LSQ's own formulation, SEQ's grid and initialization, the
 setting's names and checks, save / load / export of the learned grid, and training with it."""
+import json
 import math
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from models.errors import InputError
@@ -13,8 +18,11 @@ from models.export_gguf import MAX_REL_WEIGHT_ERR, export_gguf
 from models.packed import PackedQuantizeLinear
 from models.quant_model import QuantSetting, load_exported, load_model
 from models.utils_quant import EPS, QuantizeLinear, initial_range, quantize_weight
+from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
+from utils.data import load_blocks
+from utils.kd_trainer import kd_loss
 
-from conftest import REPO_PATH
+from conftest import REPO_PATH, run_cli
 
 SMALL = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -211,3 +219,87 @@ def test_export_packs_the_learned_grid_exactly(tmp_path, setting):
     assert torch.equal(packed.dequantized_weight(), qat_up.quantized_weight())
     gguf = export_gguf(qat, tmp_path / "gguf")
     assert gguf.max_rel_weight_err <= MAX_REL_WEIGHT_ERR
+
+
+def train_cmd(out, *extra):
+    return [sys.executable, "train.py", "--input_model_filename", EMBEDDED_MODEL, "--train_data_local_path",
+            EMBEDDED_TRAIN, "--local_dir", str(out), "--w_bits", "2", "--a_bits", "16", "--kv_bits", "16",
+            "--w_quantizer", "lsq", "--w_range_lr", "1e-3", "--learning_rate", "1e-4", "--model_max_length", "64",
+            "--max_train_samples", "4", "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
+            "--save_total_limit", "2", "--shuffle", "False", "--do_eval", "False", "--use_cpu", "True",
+            "--report_to", "none", "--logging_steps", "1", *extra]
+
+
+def log_losses(ckpt):
+    return [h["loss"] for h in json.load(open(ckpt / "trainer_state.json"))["log_history"] if "loss" in h]
+
+
+@pytest.mark.slow
+def test_train_lsq_ranges_learn_loss_drops_and_resume_is_identical(tmp_path):
+    run_cli(train_cmd(tmp_path))
+    model_dir, ckpts = tmp_path / "models" / "W2A16KV16-lsq", tmp_path / "checkpoints" / "W2A16KV16-lsq"
+    assert json.load(open(model_dir / "config.json"))["w_quantizer"] == "lsq"
+    first = load_file(model_dir / "model.safetensors")
+    teacher = load_file(Path(EMBEDDED_MODEL) / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    start = initial_range(teacher[name], 2, "lsq")
+    moved = (first[name + "_range"] - start).abs()
+    assert 0 < moved.max() <= 4 * 1e-3 * 1.01  # Adam moves each range at most ~lr_range a step
+    losses = log_losses(ckpts / "checkpoint-4")
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    groups = torch.load(ckpts / "checkpoint-4" / "optimizer.pt", weights_only=False)["param_groups"]
+    assert [g.get("llmqat_weight_ranges", False) for g in groups] == [False, False, True]
+    assert groups[-1]["initial_lr"] == 1e-3 and groups[-1]["weight_decay"] == 0.0 and groups[0]["initial_lr"] == 1e-4
+    assert len(groups[-1]["params"]) == 4 * 7  # every decoder linear's range, nothing else
+
+    shutil.rmtree(ckpts / "checkpoint-4")  # as if killed between step 2 and the end
+    shutil.rmtree(tmp_path / "models")
+    proc = run_cli(train_cmd(tmp_path))
+    assert f"resuming from {ckpts}/checkpoint-2" in proc.stderr
+    assert log_losses(ckpts / "checkpoint-4") == losses
+    again = load_file(model_dir / "model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    loaded = load_model(str(model_dir)).model.layers[0].mlp.down_proj
+    assert torch.equal(loaded.weight_range, first[name + "_range"])
+
+
+def kd_after(quantizer, steps, train, held, teacher):
+    """Held-out KD loss per token of a W2A16KV16 student after `steps` AdamW steps of KD at the recipe's lr (2e-5,
+    ranges the same), before and after."""
+    torch.manual_seed(0)
+    student = QuantSetting(2, 16, 16, w_quantizer=quantizer).apply(load_model(EMBEDDED_MODEL))
+    ranges = [p for n, p in student.named_parameters() if n.endswith("weight_range")]
+    rest = [p for n, p in student.named_parameters() if not n.endswith("weight_range")]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": ranges}], lr=2e-5, weight_decay=0.0)
+
+    def held_kd():
+        with torch.no_grad():
+            return kd_loss(student(held).logits, teacher(held).logits).item() / held.shape[1]
+
+    before = held_kd()
+    for i in range(steps):
+        x = train[4 * i:4 * i + 4]
+        with torch.no_grad():
+            target = teacher(x).logits
+        opt.zero_grad()
+        kd_loss(student(x).logits, target).backward()
+        opt.step()
+    return before, held_kd()
+
+
+@pytest.mark.slow
+def test_w2_learned_ranges_against_absmax_on_the_embedded_model(capsys):
+    """Measured, not tuned (docs/training.md): 30 steps of 4 x 128 tokens at the recipe's lr 2e-5. lsq starts where
+    absmax does and ends lower; seq starts (a = max|w|) and ends higher. At lr 1e-4 lsq and absmax tie (0.1751 vs
+    0.1741): on this model the few-step advantage is small and depends on the lr."""
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    train = load_blocks(EMBEDDED_TRAIN, tok, 128, 120).blocks
+    held = load_blocks(EMBEDDED_EVAL, tok, 128, 16).blocks
+    teacher = load_model(EMBEDDED_MODEL).eval()
+    kd = {q: kd_after(q, 30, train, held, teacher) for q in ("absmax", "lsq", "seq")}
+    with capsys.disabled():
+        print("\nW2A16KV16 held-out KD per token (before, after 30 steps):",
+              {q: tuple(round(v, 4) for v in k) for q, k in kd.items()})
+    # the same start (absmax's 2-bit forward is w + (q - w): q up to fp32 rounding), and every student learns
+    assert kd["lsq"][0] == pytest.approx(kd["absmax"][0], rel=1e-5) and all(a < b for b, a in kd.values())
+    assert kd["lsq"][1] < kd["absmax"][1] < kd["seq"][1]

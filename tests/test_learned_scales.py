@@ -303,3 +303,24 @@ def test_w2_learned_ranges_against_absmax_on_the_embedded_model(capsys):
     # the same start (absmax's 2-bit forward is w + (q - w): q up to fp32 rounding), and every student learns
     assert kd["lsq"][0] == pytest.approx(kd["absmax"][0], rel=1e-5) and all(a < b for b, a in kd.values())
     assert kd["lsq"][1] < kd["absmax"][1] < kd["seq"][1]
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_shard_the_ranges_and_train_as_one(tmp_path):
+    """Under FSDP2 the ranges are sharded with their decoder layer; rank 1, built without weights, gets rank 0's
+    (the same broadcast as the weights), and 2 processes train what 1 process trains (up to reduction order)."""
+    args = ["sh", "run_train.sh", "2", "16", "16", "--w_quantizer", "lsq", "--model_max_length", "64",
+            "--max_train_samples", "4", "--learning_rate", "1e-4", "--w_range_lr", "1e-3", "--max_steps", "2",
+            "--do_eval", "False", "--shuffle", "False"]
+    one = run_cli([*args, "--per_device_train_batch_size", "4"], env={"OUTPUT": str(tmp_path / "one")})
+    two = run_cli([*args, "--per_device_train_batch_size", "2"], env={"OUTPUT": str(tmp_path / "two"), "NPROC": "2"})
+    ranges = 4 * (256 + 128 + 128 + 256 + 688 + 688 + 256)  # one per output row of q, k, v, o, gate, up, down
+    assert f"holds {3950848 + ranges} of {3950848 + ranges} student" in one.stdout
+    for rank in (0, 1):
+        assert f"rank {rank}/2 holds {(3950848 + ranges) // 2} of {3950848 + ranges} student" in two.stdout
+    a, b = (load_file(tmp_path / run / "models" / "W2A16KV16-lsq" / "model.safetensors") for run in ("one", "two"))
+    assert a.keys() == b.keys()
+    name = "model.layers.3.self_attn.o_proj.weight_range"
+    start = initial_range(load_file(Path(EMBEDDED_MODEL) / "model.safetensors")[name[:-6]], 2, "lsq")
+    assert (a[name] - start).abs().max() > 1e-3  # moved, by about lr_range a step
+    torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-5)

@@ -324,3 +324,11 @@ def test_fsdp_two_processes_shard_the_ranges_and_train_as_one(tmp_path):
     start = initial_range(load_file(Path(EMBEDDED_MODEL) / "model.safetensors")[name[:-6]], 2, "lsq")
     assert (a[name] - start).abs().max() > 1e-3  # moved, by about lr_range a step
     torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-5)
+
+
+def test_bad_quantizer_on_the_command_line_is_one_error_line(tmp_path):
+    proc = run_cli([sys.executable, "train.py", "--w_bits", "3", "--w_quantizer", "seq", "--local_dir", str(tmp_path)],
+                   check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "error: w_quantizer=seq with w_bits=3: SEQ is ParetoQ's 2-bit grid; use w_bits 2 (lsq for 3-8 bits)")
+    assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,6 @@ import re
 import numpy as np
 import torch
 
-from models.utils_quant import weight_grid
 
 TENSOR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -138,7 +137,7 @@ def write_gguf(model, tokenizer, path, dtype=np.float32):
 
     def add(name, tensor, rotary_heads=None):
         if isinstance(tensor, QuantizeLinear) and fits_blocks(tensor):
-            grid = weight_grid(tensor.weight, tensor.w_bits, group_size=tensor.w_group_size)
+            grid = tensor.weight_grid()  # absmax's grid, or the learned scale's
             if rotary_heads:
                 grid.codes, grid.scale = rotary_rows(grid.codes, rotary_heads), rotary_rows(grid.scale, rotary_heads)
             qtype = block_type(tensor.w_bits)

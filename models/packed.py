@@ -8,7 +8,7 @@ meaning w = (codes - zero_point) * weight_scale: models.utils_quant.WeightGrid, 
 import torch
 
 from models.packing import pack, packed_words, unpack
-from models.utils_quant import QuantizeLinear, WeightGrid, dequantize, weight_grid
+from models.utils_quant import QuantizeLinear, WeightGrid, dequantize
 
 
 class PackedQuantizeLinear(QuantizeLinear):
@@ -17,6 +17,7 @@ class PackedQuantizeLinear(QuantizeLinear):
     (a_bits) and the output (out_bits: the KV cache on k_proj / v_proj) are quantized as in QuantizeLinear."""
 
     def __init__(self, linear):
+        # absmax: the codes and scales are fixed here, whichever quantizer learned them (weight_scale is a buffer)
         super().__init__(linear.in_features, linear.out_features, symmetric=linear.symmetric, w_bits=linear.w_bits,
                          a_bits=linear.a_bits, out_bits=linear.out_bits, act_layerwise=linear.act_layerwise,
                          w_group_size=linear.w_group_size, device="meta")
@@ -30,7 +31,7 @@ class PackedQuantizeLinear(QuantizeLinear):
     @classmethod
     def from_linear(cls, linear):
         packed = cls(linear)
-        grid = weight_grid(linear.weight, linear.w_bits, group_size=linear.w_group_size)
+        grid = linear.weight_grid()  # absmax's grid, or the learned scale's
         packed.weight_packed.copy_(pack(grid.codes, linear.w_bits))
         packed.weight_scale.copy_(grid.scale)
         return packed

@@ -10,6 +10,7 @@ consecutive input columns (group_size G, as deployable recipes use: a [out, in] 
 [out * in / G, G] matrix of its groups, the same formula on every row of G).
 """
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -56,12 +57,34 @@ def sym_levels(bits):
 def sym_scale(absmax, bits):
     """s = (2^(b-1) - 1) / (max|x| + 1e-6): codes are round(x * s). (int / tensor: torch computes
     reciprocal(max|x| + 1e-6) * L, which the Triton kernels reproduce.)"""
-    return sym_levels(bits) / (absmax + EPS)
+    return range_scale(absmax + EPS, bits)
+
+
+def range_scale(r, bits):
+    """s = L / r for a grid spanning [-r, r]: absmax's r is max|x| + 1e-6; a learned r is a parameter."""
+    return sym_levels(bits) / r
 
 
 def sym_dequant(codes, s):
     """The grid value of codes: codes / (s + 1e-6)."""
     return codes / (s + EPS)
+
+
+def sym_codes(w, s, bits):
+    """The codes round(w s), clamped to -L..L: under the absmax s (|w s| < L) the clamp never acts; under a
+    learned s it is what keeps the codes on the b-bit grid."""
+    levels = sym_levels(bits)
+    return torch.round(w * s).clamp_(-levels, levels)
+
+
+HALF_CLIP = 0.99  # w / a is clamped to +-0.99 on the 2-bit grid: the outer levels are reached, never passed
+
+
+def half_codes(w, a):
+    """The 2-bit grid's codes {-2, -1, 0, 1}: round(clamp(w / a, -0.99, 0.99) * 2 - 1/2); the levels are
+    (code + 1/2) * a/2, i.e. {-1.5, -0.5, 0.5, 1.5} * a/2, no zero level (LLM-QAT's a = 2 mean|w|; ParetoQ's
+    stretched elastic quantization, SEQ, is the same grid with a learned a = alpha)."""
+    return torch.round(torch.clamp(w / a, -HALF_CLIP, HALF_CLIP) * 2 - 0.5)
 
 
 def groups(weight, group_size):
@@ -92,28 +115,30 @@ def zero_point(bits):
     return -0.5 if bits <= 2 else 0.0
 
 
-def weight_grid(weight, bits, layerwise=False, group_size=None):
+def weight_grid(weight, bits, layerwise=False, group_size=None, weight_range=None):
     """The WeightGrid of a [out, in] weight, per output channel (row), per tensor or per group of group_size
     input columns; computed in fp32 with the same operations as the fake quantizer, so the codes are the QAT
-    model's own roundings."""
+    model's own roundings. weight_range: a learned range r ([out, 1] or [out, in / G], LearnedScaleQuant) instead
+    of the one absmax computes from the weight."""
     if not 1 <= bits <= 8:
         raise ValueError(f"w_bits={bits}: only 1-8 bit weights have integer codes")
     if group_size:
-        g = weight_grid(groups(weight, group_size), bits)
+        r = None if weight_range is None else weight_range.reshape(-1, 1)
+        g = weight_grid(groups(weight, group_size), bits, weight_range=r)
         return WeightGrid(g.codes.reshape(weight.shape), g.scale.reshape(weight.shape[0], -1), bits)
     w = weight.detach().float()
+    learned = None if weight_range is None else weight_range.detach().float()
 
     def reduce(t, op):
         return op(t) if layerwise else op(t, dim=-1, keepdim=True)
 
     if bits >= 3:
-        s = sym_scale(reduce(w.abs(), torch.amax), bits)
-        return WeightGrid(torch.round(w * s).to(torch.int8), 1 / (s + EPS).double(), bits)
-    mean_abs = reduce(w.abs(), torch.mean)
+        s = sym_scale(reduce(w.abs(), torch.amax), bits) if learned is None else range_scale(learned, bits)
+        return WeightGrid(sym_codes(w, s, bits).to(torch.int8), 1 / (s + EPS).double(), bits)
     if bits == 2:
-        a = 2 * mean_abs
-        codes = torch.round(torch.clamp(w / a, -0.99, 0.99) * 2 - 0.5)
-        return WeightGrid(codes.to(torch.int8), (a / 2).double(), bits)
+        a = 2 * reduce(w.abs(), torch.mean) if learned is None else learned
+        return WeightGrid(half_codes(w, a).to(torch.int8), (a / 2).double(), bits)
+    mean_abs = reduce(w.abs(), torch.mean)
     return WeightGrid(-(w < 0).to(torch.int8), (2 * mean_abs).double(), bits)
 
 
@@ -264,6 +289,79 @@ def quantize_weight(weight, w_bits, layerwise=False, dtype=None, group_size=None
     return _ste(weight, q.to(weight.dtype))
 
 
+# ---- Learned scales: LSQ (Esser et al. 2020) and ParetoQ's SEQ (Liu et al. 2025) on the grids above ----
+W_QUANTIZERS = ("absmax", "lsq", "seq")
+
+
+class LearnedScaleQuant(torch.autograd.Function):
+    """Fake quantization of a [rows, cols] weight on the paper's grids with one learned range r per row ([rows, 1]):
+    the grid spans [-r, r], in the weight's own units (so one learning rate suits every width).
+
+    >= 3 bits: s = L / r (range_scale; absmax's s is L / (max|w| + 1e-6), i.e. r = max|w| + 1e-6):
+        c = clamp(round(w s), -L, L),  w_q = c / (s + 1e-6)          (sym_codes, sym_dequant)
+    2 bits: r = a (LLM-QAT's 2 mean|w|, ParetoQ's alpha):
+        c = round(clamp(w / a, -0.99, 0.99) * 2 - 1/2),  w_q = (c + 1/2) * a/2      (half_codes)
+    Backward (LSQ): w gets the straight-through gradient where it lies inside the grid's range (|w s| <= L,
+    |w / a| <= 0.99), 0 outside. r gets LSQ's step-size gradient by the chain rule, scaled by
+    g = 1 / sqrt(cols * Q_P) (Q_P = L = 2^(b-1) - 1, 1 at 2 bits as ParetoQ; cols = weights per range).
+    LSQ: dw_q/dDelta = c - w/Delta inside the range, c outside (round's derivative taken as 1). Here
+        >= 3 bits  Delta = 1 / (s + 1e-6), s = L / r:  dw_q/dr = (w_q - w [inside]) / r * s / (s + 1e-6)
+        2 bits     Delta = a / 2 (levels (c + 1/2) Delta):  dw_q/da = (w_q - w [inside]) / a
+    and dLoss/dr = g * sum over the row of dLoss/dw_q * dw_q/dr."""
+
+    @staticmethod
+    def forward(ctx, weight, weight_range, bits, out_dtype=None):
+        ctx.save_for_backward(weight, weight_range)
+        ctx.bits = bits
+        return learned_grid_value(weight.float(), weight_range.float(), bits).to(out_dtype or weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, weight_range = ctx.saved_tensors
+        w, r, grad = weight.float(), weight_range.float(), grad_output.float()
+        q = learned_grid_value(w, r, ctx.bits)
+        if ctx.bits >= 3:
+            s = range_scale(r, ctx.bits)
+            inside = (w * s).abs() <= sym_levels(ctx.bits)
+            dq_dr = (q - w * inside) / r * (s / (s + EPS))
+        else:
+            inside = (w / r).abs() <= HALF_CLIP
+            dq_dr = (q - w * inside) / r
+        g = 1 / math.sqrt(w.shape[-1] * sym_levels(ctx.bits))
+        grad_range = (grad * dq_dr).sum(dim=-1, keepdim=True) * g
+        return (grad * inside).to(weight.dtype), grad_range.to(weight_range.dtype), None, None
+
+
+def learned_grid_value(w, r, bits):
+    """w_q of LearnedScaleQuant (fp32): the codes and levels weight_grid(..., weight_range=r) exports."""
+    if bits >= 3:
+        s = range_scale(r, bits)
+        return sym_dequant(sym_codes(w, s, bits), s)
+    return (half_codes(w, r) - zero_point(bits)) * (r / 2)
+
+
+def initial_range(weight, bits, quantizer, group_size=None):
+    """The learned range's start, [out, 1] or [out, in / G], fp32. lsq: absmax's own (r = max|w| + 1e-6, at 2 bits
+    a = 2 mean|w|), so the first forward is absmax's grid bit for bit; seq: a = max|w| (ParetoQ's initialization)."""
+    w = weight.detach().float()
+    rows = groups(w, group_size) if group_size else w
+    if bits >= 3:
+        r = rows.abs().amax(dim=-1, keepdim=True) + EPS
+    elif quantizer == "seq":
+        r = rows.abs().amax(dim=-1, keepdim=True)
+    else:
+        r = 2 * rows.abs().mean(dim=-1, keepdim=True)
+    return r.reshape(w.shape[0], -1)
+
+
+def learned_quantize_weight(weight, weight_range, bits, dtype=None, group_size=None):
+    """Fake-quantize a [out, in] weight with its learned range ([out, 1], or [out, in / G] per group of G)."""
+    if group_size:
+        q = LearnedScaleQuant.apply(groups(weight, group_size), weight_range.reshape(-1, 1), bits, dtype)
+        return q.reshape(weight.shape)
+    return LearnedScaleQuant.apply(weight, weight_range, bits, dtype)
+
+
 def quantize_act(x, bits, symmetric=True, layerwise=False, dtype=None, shared=None):
     """Fake-quantize activations per token (last dim). Off for bits <= 2 and bits >= 32, as in the paper.
 
@@ -284,7 +382,7 @@ class QuantizeLinear(nn.Linear):
     """
 
     def __init__(self, *args, symmetric=True, bias=False, w_bits=32, a_bits=32, out_bits=32,
-                 act_layerwise=False, weight_layerwise=False, w_group_size=None, **kwargs):
+                 act_layerwise=False, weight_layerwise=False, w_group_size=None, w_quantizer="absmax", **kwargs):
         super().__init__(*args, bias=bias, **kwargs)
         if w_group_size and self.in_features % w_group_size:
             raise ValueError(f"w_group_size={w_group_size} does not divide in_features={self.in_features}")
@@ -292,9 +390,31 @@ class QuantizeLinear(nn.Linear):
         self.symmetric = symmetric
         self.act_layerwise, self.weight_layerwise = act_layerwise, weight_layerwise
         self.shared_input = None  # a SharedInput: quantize an input once for the linears that read it
+        self.w_quantizer = w_quantizer
+        if self.learns_scale:
+            self.init_weight_range()
+
+    @property
+    def learns_scale(self):
+        return self.w_quantizer != "absmax" and 2 <= self.w_bits <= 8
+
+    def init_weight_range(self, empty=False):
+        """(Re)create the learned range weight_range from the current weight (initial_range); empty: allocated, not
+        computed (a rank whose weights FSDP broadcasts from rank 0, or a saved model's ranges about to be read)."""
+        shape = (self.out_features, self.in_features // (self.w_group_size or self.in_features))
+        value = torch.empty(shape, dtype=self.weight.dtype, device=self.weight.device) if empty else \
+            initial_range(self.weight, self.w_bits, self.w_quantizer, self.w_group_size).to(self.weight.dtype)
+        self.weight_range = nn.Parameter(value)
+
+    def weight_grid(self):
+        """The integer grid of the weight the forward uses (absmax's, or the learned range's): what export packs."""
+        r = self.weight_range if self.learns_scale else None
+        return weight_grid(self.weight, self.w_bits, self.weight_layerwise, self.w_group_size, r)
 
     def quantized_weight(self, dtype=None):
         """The fake-quantized weight (in dtype if given); an exported model dequantizes its codes here."""
+        if self.learns_scale:
+            return learned_quantize_weight(self.weight, self.weight_range, self.w_bits, dtype, self.w_group_size)
         return quantize_weight(self.weight, self.w_bits, self.weight_layerwise, dtype, self.w_group_size)
 
     def forward(self, input):

@@ -70,9 +70,10 @@ class KDTrainer(CpuFsdpMixin, Trainer):
     Evaluation always reports the next-token loss, so eval_loss gives perplexity.
     """
 
-    def __init__(self, *args, teacher=None, kd_loss_scale=1.0, shard_teacher=True, **kwargs):
+    def __init__(self, *args, teacher=None, kd_loss_scale=1.0, shard_teacher=True, w_range_lr=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.kd_loss_scale = kd_loss_scale
+        self.w_range_lr = w_range_lr
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -84,6 +85,23 @@ class KDTrainer(CpuFsdpMixin, Trainer):
             # shard it here like the teacher and register it as prepared
             register_prepared(self.accelerator, self.model)
         self.add_callback(ShardReport(teacher))
+
+    def create_optimizer(self, model=None):
+        """The stock optimizer, with the learned weight ranges (lsq / seq) in a group of their own: lr w_range_lr
+        (None: the weights' learning rate), no weight decay (it would shrink the grids). The LR schedule scales
+        every group alike."""
+        optimizer = super().create_optimizer(model)
+        if (optimizer.state or any(group.get("llmqat_weight_ranges") for group in optimizer.param_groups)):
+            return optimizer  # built before (or already stepped): leave it
+        ranges = {id(p) for n, p in (model or self.model).named_parameters() if n.endswith("weight_range")}
+        moved = []
+        for group in optimizer.param_groups:
+            moved += [p for p in group["params"] if id(p) in ranges]
+            group["params"] = [p for p in group["params"] if id(p) not in ranges]
+        if moved:
+            lr = self.args.learning_rate if self.w_range_lr is None else self.w_range_lr
+            optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0, "llmqat_weight_ranges": True})
+        return optimizer
 
     def autocast_smart_context_manager(self, cache_enabled=True):
         """bf16 autocast with --bf16 or --precision original, the same under FSDP as in one process."""

@@ -35,6 +35,10 @@ class ModelArguments:
     w_group_size: int = field(default=None, metadata={"help": "One weight scale per group of this many input columns "
                               "(e.g. 128, as deployable recipes; saved in config.json); default: per output channel, "
                               "the paper's"})
+    w_quantizer: str = field(default="absmax", metadata={
+        "help": "Weight quantizer: absmax (the paper's scale from max|w|, recomputed every step), lsq (a learned range "
+                "per channel or group, LSQ; w_bits 2-8; starts at absmax's grid) or seq (ParetoQ's stretched elastic "
+                "2-bit grid, learned range from max|w|; w_bits 2)"})
     use_kd: bool = field(default=True, metadata={"help": "Distill from the FP teacher (False: next-token loss)"})
     kd_loss_scale: float = field(default=1.0, metadata={"help": "Scale of the KL(teacher || student) loss"})
     shard_teacher: bool = field(
@@ -49,7 +53,8 @@ class ModelArguments:
         """The student's QuantSetting (bad widths fail here, with one line); full precision without --qat."""
         if not self.qat:
             return QuantSetting()
-        return QuantSetting(self.w_bits, self.a_bits, self.kv_bits, self.kv_post_rope, self.w_group_size)
+        return QuantSetting(self.w_bits, self.a_bits, self.kv_bits, self.kv_post_rope, self.w_group_size,
+                            self.w_quantizer)
 
 
 @dataclass
@@ -83,6 +88,9 @@ class TrainingArguments(transformers.TrainingArguments):
     per_device_train_batch_size: int = recipe(1, "Training blocks per device and step")
     per_device_eval_batch_size: int = recipe(1, "Evaluation blocks per device")
     learning_rate: float = recipe(2e-5, "Peak learning rate")
+    w_range_lr: float = field(default=None, metadata={
+        "help": "Peak learning rate of the learned weight ranges (--w_quantizer lsq / seq; the same schedule, no weight "
+                "decay). None: --learning_rate (the ranges are in the weights' units, as ParetoQ trains them)"})
     lr_scheduler_type: str = recipe("cosine", "Learning-rate schedule")
     weight_decay: float = recipe(0.0, "AdamW weight decay")
     logging_steps: float = recipe(1, "Log the loss every N steps")

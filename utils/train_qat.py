@@ -80,7 +80,7 @@ def run(model_args, data_args, training_args, callbacks=None):
     student = load_model(path, dtype=getattr(torch, model_args.load_dtype), empty=empty, config=config,
                          **precision.model_kwargs(training_args))
     if model_args.qat:
-        setting.apply(student)
+        setting.apply(student, init_scales=not empty)
     teacher = None
     if model_args.use_kd and training_args.do_train:
         teacher = load_model(path, dtype=precision.teacher_dtype(training_args),
@@ -89,7 +89,7 @@ def run(model_args, data_args, training_args, callbacks=None):
     logger.info("student: %s", student)
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_loss_scale=model_args.kd_loss_scale,
-                        shard_teacher=model_args.shard_teacher, args=training_args,
+                        shard_teacher=model_args.shard_teacher, w_range_lr=training_args.w_range_lr, args=training_args,
                         train_dataset=train_data, eval_dataset=eval_data, callbacks=callbacks)
 
     if training_args.do_train:
@@ -133,7 +133,8 @@ def run_identity(setting, model_args, data_args, training_args, train_data):
             "weight_decay": a.weight_decay, "num_train_epochs": a.num_train_epochs, "max_steps": a.max_steps,
             "global_batch": a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
             "optim": str(a.optim), "bf16": a.bf16,
-            **({"precision": a.precision} if a.precision != "default" else {})}  # default: as recorded before it
+            **({"precision": a.precision} if a.precision != "default" else {}),  # default: as recorded before it
+            **({"w_range_lr": a.w_range_lr} if setting.w_quantizer != "absmax" else {})}
 
 
 def choose_resume(training_args, identity):

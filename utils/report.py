@@ -132,9 +132,13 @@ def markdown_real(rows, targets, mode, s, profile, pending):
     if pending:
         lines.append("\n## Pending rows (not computed yet; rerun to continue)\n\n"
                      + ", ".join(r.slug for r in pending) + "\n")
-    rec = targets.get("recovered_gap_4-8-4_by_text", {})
+    rec, seeds = targets.get("recovered_gap_4-8-4_by_text", {}), targets.get("recovered_gap_4-8-4_seeds", {})
+
+    def over_seeds(t):
+        r = seeds.get(t)
+        return "" if not r or r[2] < 2 else f" ({pct(r[0])}-{pct(r[1])} over {r[2]} seeds)"
     lines.append("\n## Targets\n\n- LLM-QAT 4-8-4 recovers of the gap RTN 4-8-4 opens against FP (target >= 70%): "
-                 + ", ".join(f"{t} {pct(v)}" for t, v in rec.items()) + ".\n")
+                 + ", ".join(f"{t} {pct(v)}{over_seeds(t)}" for t, v in rec.items()) + ".\n")
     ratio = targets.get("llm_qat_8-8-8_over_fp")
     lines.append(f"- LLM-QAT 8-8-8 vs FP (target within 3%): {'-' if ratio is None else f'{100 * (ratio - 1):+.2f}%'}.\n")
     for other in ("GPTQ", "SmoothQuant", "QAT-real", "QAT-real (modern)"):
@@ -142,8 +146,10 @@ def markdown_real(rows, targets, mode, s, profile, pending):
         lines.append(f"- LLM-QAT below {other} (first text): " + ", ".join(
             f"{b} {'-' if v is None else 'yes' if v else 'no'}" for b, v in won.items()) + ".\n")
     order = targets.get("ablation_in_paper_order")
-    lines.append(f"- Generation ablation hybrid <= pure sampling <= pure greedy: "
-                 f"{'-' if order is None else 'yes' if order else 'no'}.\n")
+    versus = targets.get("ablation_vs_seeds", {})
+    lines.append(f"- Generation ablation hybrid <= pure sampling <= pure greedy (seed 0): "
+                 f"{'-' if order is None else 'yes' if order else 'no'}; hybrid against each over LLM-QAT's seeds "
+                 "(first text): " + ", ".join(f"{m} {v or '-'}" for m, v in versus.items()) + ".\n")
     return "\n".join(lines[:2]) + "\n" + "".join(lines[2:])
 
 

@@ -352,6 +352,20 @@ def compare(a, b):
     return "below" if a[2] < b[1] else "above" if a[1] > b[2] else "tie"
 
 
+def recovery_range(rows, text):
+    """(min, max, n) of the gap LLM-QAT 4-8-4 recovers on a text over its seeds (FP and RTN do not depend on one)."""
+    def one(method):
+        return next((r["ppl_by_text"].get(text) for r in rows if r["method"] == method and r["bits"] in
+                     ("32-32-32", "4-8-4") and not r.get("seed") and "ppl_by_text" in r), None)
+    fp, rtn = one("FP"), one("RTN")
+    qat = [r["ppl_by_text"][text] for r in rows if r["method"] == "LLM-QAT" and r["bits"] == "4-8-4"
+           and text in r.get("ppl_by_text", {})]
+    if None in (fp, rtn) or not qat or rtn <= fp:
+        return None
+    got = [(rtn - q) / (rtn - fp) for q in qat]
+    return min(got), max(got), len(got)
+
+
 def targets(rows, profile=TINY):
     """The targets, measured on the rows there are: gap recovery at 4-8-4 (per text), LLM-QAT 8-8-8 against FP,
     LLM-QAT against GPTQ / SmoothQuant / QAT-real per setting, the generation ablation's order."""
@@ -372,6 +386,10 @@ def targets(rows, profile=TINY):
         out[f"llm_qat_beats_{other}"] = {b: None if None in (ppl("LLM-QAT", b), ppl(other, b))
                                          else ppl("LLM-QAT", b) < ppl(other, b) for b in profile.bits}
     out["seeds_4-8-4"] = {m: {t: spread(rows, m, "4-8-4", t) for t in profile.ppl_texts} for m in profile.seeded}
+    out["recovered_gap_4-8-4_seeds"] = {t: recovery_range(rows, t) for t in profile.ppl_texts}
+    first = next(iter(profile.ppl_texts))
+    out["ablation_vs_seeds"] = {m: compare(spread(rows, "LLM-QAT", "4-8-4", first), spread(rows, m, "4-8-4", first))
+                                for m in ("LLM-QAT (pure sampling)", "LLM-QAT (pure greedy)")}
     out["llm_qat_vs_4-8-4"] = {other: {t: compare(spread(rows, "LLM-QAT", "4-8-4", t), spread(rows, other, "4-8-4", t))
                                        for t in profile.ppl_texts} for other in profile.seeded[1:]}
     order = [ppl("LLM-QAT", "4-8-4"), ppl("LLM-QAT (pure sampling)", "4-8-4"), ppl("LLM-QAT (pure greedy)", "4-8-4")]

@@ -113,6 +113,11 @@ def run(model_args, data_args, training_args, callbacks=None):
                 json.dump(metrics, f, indent=2)
         logger.info("perplexity %.4f on %s (%d blocks of %d tokens)", metrics["perplexity"],
                     data_args.eval_data_local_path, len(eval_data), eval_len)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # torchrun's ranks: a process group left to interpreter exit can abort a finished rank at teardown
+        # ("terminate called without an active exception", seen once under load after a complete run)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return trainer
 
 

@@ -29,6 +29,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from make_tiny_model import chunk_text  # noqa: E402  (~1500-3000 characters at paragraph breaks, as the plays)
 from utils.data import write_texts  # noqa: E402
 from utils.errors import InputError, cli  # noqa: E402
 
@@ -135,20 +136,6 @@ def rst_prose(text):
     return "\n\n".join(out)
 
 
-def chunks(text, min_chars=1500, max_chars=3000):
-    """~1500-3000 character chunks at paragraph boundaries (as the Shakespeare texts are cut)."""
-    out, cur = [], ""
-    for par in text.split("\n\n"):
-        if cur and len(cur) + 2 + len(par) > max_chars:
-            out.append(cur)
-            cur = ""
-        cur = f"{cur}\n\n{par}" if cur else par
-        if len(cur) >= min_chars:
-            out.append(cur)
-            cur = ""
-    return out + ([cur] if cur else [])
-
-
 def sha256_of(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -192,13 +179,13 @@ def make_texts(handbook_root, pydocs_root):
     """{output file name: texts}: the handbook split by chapter, the tutorial, the HOWTOs' prose (one text each)."""
     train, heldout = [], []
     for page, _title, prose in handbook_chapters(handbook_root):
-        (heldout if page in HELDOUT_CHAPTERS else train).extend(chunks(prose))
+        (heldout if page in HELDOUT_CHAPTERS else train).extend(chunk_text(prose))
     tutorial = [rst_prose(Path(f).read_text(encoding="utf-8"))
                 for f in sorted(glob.glob(os.path.join(pydocs_root, "tutorial", "*.rst.txt")))]
     howto = [rst_prose(Path(f).read_text(encoding="utf-8"))
              for f in sorted(glob.glob(os.path.join(pydocs_root, "howto", "*.rst.txt")))]
     out = {"handbook_train.jsonl": train, "handbook_heldout.jsonl": heldout,
-           "pydocs_heldout.jsonl": [c for t in tutorial for c in chunks(t)],
+           "pydocs_heldout.jsonl": [c for t in tutorial for c in chunk_text(t)],
            "pydocs_howto.jsonl": [t for t in howto if t]}
     for name, texts in out.items():
         if not texts or not any(texts):

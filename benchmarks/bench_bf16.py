@@ -7,7 +7,7 @@ With fewer than 4 steps only the first step is excluded from the median (the tes
 embedded model: `--model assets/tiny_llama --steps 3 --max_windows 4`).
 
     python benchmarks/bench_bf16.py [--model smollm2] [--steps 10] [--data assets/data/shakespeare_train.jsonl]
-                                    [--valid assets/data/milton_valid.jsonl] [--max_windows 32]
+                                    [--valid assets/data/milton_valid.jsonl] [--max_windows 32] [--compile_layers]
 """
 import argparse
 import os
@@ -40,6 +40,7 @@ def main(argv=None):
     p.add_argument("--data", default=str(DATA / "shakespeare_train.jsonl"))
     p.add_argument("--valid", default=str(DATA / "milton_valid.jsonl"), help="validation jsonl (perplexity)")
     p.add_argument("--max_windows", type=int, default=32, help="validation windows of 256 tokens, at most")
+    p.add_argument("--compile_layers", action="store_true", help="both runs with train.py --compile_layers")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1")
@@ -47,7 +48,8 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for bf16 in ("False", "True"):
-            timer = timed_training(args.model, args.data, tmp, f"bf16_{bf16}", "4-8-4", bf16 == "True", args.steps)
+            timer = timed_training(args.model, args.data, tmp, f"bf16_{bf16}", "4-8-4", bf16 == "True", args.steps,
+                                   compile_layers=args.compile_layers)
             ppl = evaluate(os.path.join(tmp, "models", f"bf16_{bf16}"), ppl_data=[args.valid], seq_len=256,
                            max_windows=args.max_windows, dtype="float32")
             name = "bf16" if bf16 == "True" else "fp32"

@@ -39,7 +39,7 @@ from utils.model_zoo import resolve_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "assets" / "data"
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int4pack_mm"}
-KINDS = ("matmul", "attention", "quantizers", "casts", "KD loss", "optimizer", "other")
+KINDS = ("matmul", "attention", "quantizers", "casts", "KD loss", "optimizer", "compiled", "other")
 
 
 def parse_args(argv=None):
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="rounds of the three step variants (medians over all)")
     p.add_argument("--data", default=str(DATA / "shakespeare_train.jsonl"))
     p.add_argument("--optim", default=None, help="--optim of the training runs (default: train.py's)")
+    p.add_argument("--compile_layers", action="store_true", help="train.py --compile_layers in every step variant")
     p.add_argument("--gen_ids", type=int, default=86, help="start ids generated (x3 prefix lengths: 258 sequences, "
                    "so that the default batch is the table's, 256)")
     p.add_argument("--gen_batch", type=int, default=None, help="decode batch (default: generate_data.py's)")
@@ -110,8 +111,9 @@ def linear_shapes(config, tokens, with_backward):
 
 # ---- profile breakdown ----
 @contextlib.contextmanager
-def labelled():
-    """Profiler ranges around the quantizers and the KD loss (their ops have generic names)."""
+def labelled(compiled=False):
+    """Profiler ranges around the quantizers and the KD loss (their ops have generic names). compiled: not around
+    the quantizers, which run inside the compiled layers (a wrapper there would make torch.compile recompile)."""
     from torch.profiler import record_function
 
     def wrap(module, name, label):
@@ -124,9 +126,10 @@ def labelled():
         setattr(module, name, inner)
         return fn
 
-    originals = [(m, n, wrap(m, n, label)) for m, n, label in (
-        (utils_quant, "sym_quant", "llmqat::quantizer"), (utils_quant, "ste_grad", "llmqat::quantizer"),
-        (kd_trainer, "kd_loss", "llmqat::kd_loss"), (torch.nn.utils, "clip_grad_norm_", "Optimizer.clip_grad_norm_"))]
+    targets = [(kd_trainer, "kd_loss", "llmqat::kd_loss"), (torch.nn.utils, "clip_grad_norm_", "Optimizer.clip_grad_norm_")]
+    if not compiled:
+        targets += [(utils_quant, "sym_quant", "llmqat::quantizer"), (utils_quant, "ste_grad", "llmqat::quantizer")]
+    originals = [(m, n, wrap(m, n, label)) for m, n, label in targets]
     try:
         yield
     finally:
@@ -140,6 +143,8 @@ def kind_of(event):
         return "matmul"
     if "scaled_dot_product" in name or "flash_attention" in name:
         return "attention"
+    if "CompiledFxGraph" in name:  # --compile_layers: a layer's fused kernels (quantizers, norms, RoPE, ...)
+        return "compiled"
     parent = event.cpu_parent
     while parent is not None:
         p = parent.name
@@ -223,12 +228,13 @@ def generation(args, path):
 class StepTimer(TrainerCallback):
     """Each step's seconds; step `profile_step` (1-based) under torch.profiler."""
 
-    def __init__(self, profile_step=None):
+    def __init__(self, profile_step=None, compiled=False):
         self.times, self.start, self.profile_step, self.prof, self.labels = [], None, profile_step, None, None
+        self.compiled = compiled
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.profile_step:  # the labels and the profiler for this step only
-            self.labels = labelled()
+            self.labels = labelled(self.compiled)
             self.labels.__enter__()
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.prof.__enter__()
@@ -242,7 +248,7 @@ class StepTimer(TrainerCallback):
 
 
 def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4, seq=256, optim=None,
-                   profile_step=None):
+                   profile_step=None, compile_layers=False):
     """A QAT+KD training run through the real Trainer (lr 1e-4, seed 0, nothing saved but the student), with
     a StepTimer: its per-step seconds, and the profiler of step `profile_step` if asked. setting "W-A-KV", or
     None for the unquantized KD run. Shared with bench_bf16.py."""
@@ -250,7 +256,7 @@ def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4,
     from utils.train_qat import run
 
     w, a, kv = setting.split("-") if setting else ("32", "32", "32")
-    timer = StepTimer(profile_step)
+    timer = StepTimer(profile_step, compile_layers)
     argv = ["--input_model_filename", path, "--train_data_local_path", data, "--local_dir", out_dir,
             "--output_model_filename", name, "--qat", str(bool(setting)), "--w_bits", w, "--a_bits", a,
             "--kv_bits", kv, "--model_max_length", str(seq), "--per_device_train_batch_size", str(batch),
@@ -260,6 +266,8 @@ def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4,
             "--dataloader_pin_memory", "False", "--seed", "0"]
     if optim:
         argv += ["--optim", optim]
+    if compile_layers:
+        argv += ["--compile_layers", "True"]
     run(*process_args(argv), callbacks=[timer])
     return timer
 
@@ -267,7 +275,7 @@ def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4,
 def train_step(args, path, tmp, name, setting, bf16, profile_step=None):
     """The seconds of each training step after 2 warm-ups, and the profiler of one if asked."""
     timer = timed_training(path, args.data, tmp, name, setting, bf16, args.steps + 2 + bool(profile_step),
-                           args.batch, args.seq, args.optim, profile_step)
+                           args.batch, args.seq, args.optim, profile_step, args.compile_layers)
     return timer.times[2:2 + args.steps], timer.prof  # the profiled step (the last) is not timed
 
 

@@ -158,6 +158,8 @@ def sym_quant(x, num_bits, clip_val=CLIP_VAL, layerwise=False, out_dtype=None):
 
     Fused Triton kernel for CUDA tensors (bit-packed mask, 1 bit/element), else the PyTorch reference
     (bool mask, or None on CPU when nothing is clipped); both give the same q bit for bit."""
+    if torch.compiler.is_compiling():
+        return _sym_quant_traced(x, num_bits, clip_val, layerwise, out_dtype)
     kernels = _kernels_for(x, layerwise)
     if kernels is not None:
         return kernels.sym_quant(x, num_bits, clip_val, out_dtype)
@@ -176,10 +178,27 @@ def sym_quant(x, num_bits, clip_val=CLIP_VAL, layerwise=False, out_dtype=None):
     return q.to(out_dtype or x.dtype), mask
 
 
+def _sym_quant_traced(x, num_bits, clip_val, layerwise, out_dtype):
+    """sym_quant's formula for torch.compile (--compile_layers): no data-dependent branch, no in-place write, the
+    mask in q's float dtype (inductor's CPU kernels vectorize a float output next to q; a bool one runs ~7x
+    slower), and the PyTorch formula on GPUs too (inductor writes its own kernel). The same q on the tests'
+    inputs; the compiler may round the rest of the layer differently, which is why the flag is off by default."""
+    xf = x.float()
+    a = xf.abs()
+    absmax = a.amax() if layerwise else a.amax(dim=-1, keepdim=True)
+    dtype = out_dtype or x.dtype
+    lo, hi = (float(c) for c in clip_val)
+    mask = ((x > lo) & (x < hi)) if lo != -hi else a < hi
+    s = sym_scale(absmax, num_bits)
+    return (xf * s).round().div(s + EPS).to(dtype), mask.to(dtype)
+
+
 def ste_grad(grad, mask, dtype):
     """Straight-through gradient grad * mask for any mask format, in dtype (the quantizer input's)."""
     if mask is None:
         return grad
+    if mask.is_floating_point():  # the compiled path's 0/1 mask
+        return grad * mask
     if mask.dtype == torch.bool:
         # the uint8 view multiplies the same 0/1 but vectorized (a bool operand is ~2x slower on CPUs);
         # autograd casts the result to the input's dtype if it differs
@@ -198,7 +217,7 @@ class SymQuantizer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, clip_val, num_bits, layerwise, out_dtype=None, shared=None):
-        if shared is None:
+        if shared is None or torch.compiler.is_compiling():  # compiled: no version counter to trust
             q, mask = sym_quant(input, num_bits, clip_val, layerwise, out_dtype)
         else:
             q, mask = shared(input, (num_bits, tuple(clip_val), layerwise, out_dtype),

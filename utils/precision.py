@@ -58,8 +58,12 @@ def teacher_dtype(args):
 
 
 def model_kwargs(args):
-    """Extra from_pretrained arguments: the original's eager attention (fp32 softmax) in its regime."""
-    return {"attn_implementation": "eager"} if is_original(args) else {}
+    """Extra from_pretrained arguments: eager attention (fp32 softmax) in the original's regime, and for
+    --compile_layers on a CPU, where the compiler fuses its softmax and the step beats the CPU flash kernel
+    (docs/speed.md); a GPU keeps its fused attention kernel."""
+    if is_original(args) or (getattr(args, "compile_layers", False) and args.device.type == "cpu"):
+        return {"attn_implementation": "eager"}
+    return {}
 
 
 def autocast(args):

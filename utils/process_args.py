@@ -103,6 +103,10 @@ class TrainingArguments(transformers.TrainingArguments):
                                      "numerics under 1 process, N processes, N nodes; original: the original "
                                      "code's pure bf16 weights and optimizer, bf16 reductions, eager attention "
                                      "(utils/precision.py)", "choices": list(PRECISIONS)})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile every decoder layer of the student and the teacher, and the KD loss (the compiler fuses "
+                "their element-wise work: docs/speed.md); rounds differently outside the quantizers, the first steps "
+                "compile. --torch_compile means this here (not the whole model). Not under --fsdp"})
     warmup_ratio: float = field(default=None, metadata={"help": "The original's flag (transformers 5 folded it "
                                                                    "into --warmup_steps, where a value < 1 is a ratio)"})
 
@@ -123,8 +127,17 @@ class TrainingArguments(transformers.TrainingArguments):
             # one copy of the weights in host RAM, not one per process (FSDP2, the default; see utils.fsdp)
             cfg.setdefault("cpu_ram_efficient_loading", str(cfg.get("version", 2)) == "2")
             self.fsdp_config = cfg
+        if self.torch_compile or self.torch_compile_backend or self.torch_compile_mode:
+            # the regional compilation of KDTrainer instead of accelerate's whole-model one (which would break its
+            # graph at every quantizer's shared input and leave the teacher and the KD loss eager)
+            self.compile_layers, self.torch_compile = True, False
+        if self.compile_layers and self.fsdp:
+            raise InputError("--compile_layers (or --torch_compile) is not supported under --fsdp yet; drop one")
         precision.setup(self)
+        compile_options = self.torch_compile_backend, self.torch_compile_mode
+        self.torch_compile_backend = self.torch_compile_mode = None  # else transformers turns torch_compile on
         super().__post_init__()
+        self.torch_compile_backend, self.torch_compile_mode = compile_options  # compile_layers passes them on
 
 
 def process_args(argv=None):

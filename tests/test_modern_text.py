@@ -211,3 +211,29 @@ def test_quick_smollm2_shaped_reproduction_writes_the_new_columns(bpe_model_dir,
     assert "pydocs_heldout" in new["scored_later"]
     with pytest.raises(rp.InputError, match="--rows 'RTN_9-9-9': no row named 'RTN_9-9-9'; rows: FP_32-32-32, "):
         rp.main([*argv, "--rows", "RTN_9-9-9"])
+
+
+def test_quick_learned_scale_row_tunes_its_range_lr_on_validation_text(bpe_model_dir, tmp_path, monkeypatch):
+    """Issue 24's rows: a learned-scale row (bits ending -lsq) trains with w_quantizer lsq at a range learning rate
+    chosen on milton_valid (x0.1, x1, x10 the weights' chosen lr, at the first learned setting below 4 bits), kept
+    in range_lr_choice.json and in the row; the low-bit rows come after the paper's table in the run order."""
+    from dataclasses import replace
+    import utils.reproduce as rp
+    monkeypatch.setitem(rp.PROFILES, "smollm2", replace(rp.SMOLLM2, model=str(bpe_model_dir)))
+    out, work = tmp_path / "out", tmp_path / "work"
+    settings = json.dumps({"start_ids": [0, 320, 40], "gen_length": 24, "blocks": 4, "tune_blocks": 2,
+                           "eval_windows": 2, "limit": 4, "save_steps": 0})
+    rp.main(["--model", "smollm2", "--quick", "--settings", settings, "--out_dir", str(out), "--work_dir", str(work),
+             "--rows", "LLM-QAT_3-16-16-lsq"])
+    lr = json.load(open(out / "smollm2_table_rows" / "lr_choice.json"))["lr"]
+    choice = json.load(open(out / "smollm2_table_rows" / "range_lr_choice.json"))
+    assert choice["bits"] == "3-16-16-lsq" and choice["text"] == "milton_valid"
+    assert sorted(float(k) for k in choice["tried"]) == pytest.approx([lr * 0.1, lr, lr * 10])
+    (row,) = json.load(open(out / "smollm2_table.json"))
+    assert row["bits"] == "3-16-16-lsq" and row["w_range_lr"] == choice["range_lr"]
+    config = json.load(open(work / "models" / f"LLM-QAT_3-16-16-lsq_lr{lr:g}" / "config.json"))
+    assert (config["w_bits"], config["a_bits"], config["w_quantizer"]) == (3, 16, "lsq")
+    assert "learned weight ranges (bits ending -lsq) at lr" in (out / "smollm2_table.md").read_text()
+    order = [r.slug for r in rp.run_order(rp.rows_to_run(rp.SMOLLM2))]
+    first_low = min(order.index(r) for r in ("RTN_3-16-16", "LLM-QAT_4-8-4-lsq", "LLM-QAT_2-16-16"))
+    assert first_low > max(order.index(r) for r in ("QAT-real_8-8-8", "LLM-QAT_4-8-4_seed2", "LLM-QAT_8-8-8"))

@@ -108,6 +108,9 @@ def markdown_real(rows, targets, mode, s, profile, pending):
     lr = (f"lr {choice['lr']:g}, chosen on milton_valid (Paradise Regained) from "
           + ", ".join(f"{k}: ppl {v}" for k, v in choice["tried"].items()) + f" after {choice['blocks']} blocks"
           if choice else f"lr {s['lr']}")
+    if rc := s.get("range_lr_choice"):
+        lr += (f"; learned weight ranges (bits ending -lsq) at lr {rc['range_lr']:g}, chosen on milton_valid at "
+               f"{rc['bits']} from " + ", ".join(f"{k}: ppl {v}" for k, v in rc["tried"].items()))
     lines = [f"# LLM-QAT on {profile.title} ({mode} run)\n",
              f"Trained rows: {s['blocks']} blocks of 256 tokens x {s['epochs']} epoch(s) "
              f"({s['blocks'] * 256 * s['epochs']} tokens), batch 4, {lr}; KD from the FP model, bf16 autocast with "

@@ -74,6 +74,8 @@ class Profile:
     modern_bits: tuple = ()  # the settings of QAT-real (modern)
     seeds: tuple = (0,)  # every seed of the seeded rows at 4-8-4
     seeded: tuple = ()  # the methods rerun with every seed
+    low_bits: tuple = ()  # below 4 bits (issue 24): RTN, GPTQ and LLM-QAT with the paper's weight quantizer
+    learned_bits: tuple = ()  # LLM-QAT with learned weight scales (lsq) at these settings
 
 
 TINY = Profile(
@@ -99,7 +101,8 @@ SMOLLM2 = Profile(
     generation={"hybrid": (3, 4, 5), "sampling": (1,), "greedy": (None,)},
     gen_dtype="bfloat16", train_bf16=True, eval_dtype="float32", tasks=(TASK, MODERN_TASK),
     real_texts={"real": REAL_TEXT, "real_modern": MODERN_TEXT}, modern_bits=("4-8-4", "4-8-8", "4-16-16", "8-8-8"),
-    seeds=(0, 1, 2), seeded=("LLM-QAT", "QAT-real (modern)", "QAT-real"))
+    seeds=(0, 1, 2), seeded=("LLM-QAT", "QAT-real (modern)", "QAT-real"), low_bits=("3-16-16", "3-8-8", "2-16-16"),
+    learned_bits=("4-8-4-lsq", "3-16-16-lsq", "3-8-8-lsq", "2-16-16-lsq"))
 PROFILES = {"tiny": TINY, "smollm2": SMOLLM2}
 SETTINGS = TINY.settings
 
@@ -114,6 +117,9 @@ def rows_to_run(profile=TINY):
     rows += [Row("LLM-QAT (pure sampling)", "4-8-4", "sampling"), Row("LLM-QAT (pure greedy)", "4-8-4", "greedy")]
     first = {r.method: r for r in rows if r.bits == "4-8-4"}
     rows += [first[m]._replace(seed=k) for k in profile.seeds[1:] for m in profile.seeded]
+    for b in profile.low_bits:
+        rows += [Row("RTN", b), Row("GPTQ", b, "calib"), Row("LLM-QAT", b, "hybrid")]
+    rows += [Row("LLM-QAT", b, "hybrid") for b in profile.learned_bits]
     return rows
 
 
@@ -126,7 +132,8 @@ def run_order(rows):
     def key(row):
         if row.method == "FP" or (row.bits == "4-8-4" and row.method in HEADLINE and not row.seed):
             return (0, HEADLINE.index(row.method))
-        return (1 if row.seed else 2 if row.bits == "4-8-4" else 3, rows.index(row))
+        low = QuantSetting.parse(row.bits).w_bits < 4 or QuantSetting.parse(row.bits).w_quantizer != "absmax"
+        return (4 if low else 1 if row.seed else 2 if row.bits == "4-8-4" else 3, rows.index(row))
     return sorted(rows, key=key)
 
 
@@ -163,13 +170,19 @@ def real_text(work, key="real", profile=TINY, seed=0):
     return out
 
 
-def train(method, bits, data, s, work, profile=TINY, lr=None, seed=0):
+def model_name(method, bits, seed=0, lr=None, range_lr=None):
+    """The trained student's directory name under <work>/models (and its checkpoints')."""
+    return (slug(method, bits, seed) + ("" if lr is None else f"_lr{lr:g}")
+            + ("" if range_lr is None else f"_rangelr{range_lr:g}"))
+
+
+def train(method, bits, data, s, work, profile=TINY, lr=None, seed=0, range_lr=None):
     """LLM-QAT training through train.py's own code path; returns the student's directory and seconds.
     With save_steps, Trainer checkpoints go to <work>/checkpoints/<row> and a rerun resumes from the last one.
     The seed sets the Trainer's (data order)."""
     from utils.process_args import DataArguments, ModelArguments, TrainingArguments, complete_args
     from utils.train_qat import run
-    name = slug(method, bits, seed) + ("" if lr is None else f"_lr{lr:g}")
+    name = model_name(method, bits, seed, lr, range_lr)
     model_dir = os.path.join(work, "models", name)
     if os.path.isdir(model_dir):
         return model_dir, None
@@ -181,12 +194,14 @@ def train(method, bits, data, s, work, profile=TINY, lr=None, seed=0):
     run(*complete_args(
         ModelArguments(input_model_filename=profile.model, output_model_filename=name, local_dir=work, qat=True,
                        w_bits=setting.w_bits, a_bits=setting.a_bits, kv_bits=setting.kv_bits, use_kd=True,
-                       kd_loss_scale=1.0),
+                       kd_loss_scale=1.0, w_quantizer=setting.w_quantizer, w_group_size=setting.w_group_size),
         DataArguments(train_data_local_path=data, max_train_samples=s["blocks"]),
         TrainingArguments(do_train=True, do_eval=False, model_max_length=256, per_device_train_batch_size=4,
                           num_train_epochs=s["epochs"], learning_rate=lr or s["lr"], lr_scheduler_type="cosine",
                           warmup_steps=0, weight_decay=0.0, seed=seed, logging_steps=10, report_to="none",
                           bf16=profile.train_bf16, log_level="warning", **saving,
+                          **({"w_range_lr": range_lr or s.get("chosen_range_lr")} if setting.w_quantizer != "absmax"
+                             else {}),
                           **({"max_steps": s["max_steps"]} if s.get("max_steps") else {}),  # past the data: repeats
                           **({} if torch.cuda.is_available() else dict(use_cpu=True, dataloader_pin_memory=False)))))
     shutil.rmtree(os.path.join(work, "checkpoints", name), ignore_errors=True)  # the student is saved: free the disk
@@ -257,7 +272,7 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
     kept = None if keep_dir is None else os.path.join(keep_dir, os.path.basename(path))
     setting = None if row.method == "FP" else QuantSetting.parse(row.bits)
     baseline = None if row.method == "FP" else row.method
-    student = os.path.join(work, "models", row.slug)
+    student = os.path.join(work, "models", model_name(row.method, row.bits, row.seed, s.get("chosen_lr")))
 
     def calib():  # generated only when a calibrated row is computed (a saved row needs none)
         return [generated_text("hybrid", s, work, profile)] if row.data == "calib" else None
@@ -293,6 +308,8 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
            "eval_windows": ppl["windows"], "task_docs": task["n"]}
     if row.seed:
         out["seed"] = row.seed
+    if QuantSetting.parse(row.bits).w_quantizer != "absmax":
+        out["w_range_lr"] = s.get("chosen_range_lr")
     if profile is not TINY:
         out["ppl_by_text"], out["acc_by_task"] = scores(r, profile)
         out["cpu"] = cpu_name()
@@ -301,26 +318,42 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
     return out
 
 
-def choose_lr(s, work, profile, keep_dir):
-    """The learning rate of every trained row, chosen on the validation text (milton_valid) only: LLM-QAT
-    4-8-4 for tune_blocks blocks at each candidate; the lowest validation perplexity wins."""
-    path = os.path.join(keep_dir or os.path.join(work, "rows"), "lr_choice.json")
+def tune(s, work, profile, keep_dir, key, bits, candidates, **fixed):
+    """One training hyperparameter (key: lr or range_lr), chosen on the validation text (milton_valid) only: LLM-QAT
+    at bits for tune_blocks blocks with each candidate; the lowest validation perplexity wins. Kept in
+    <key>_choice.json beside the rows."""
+    path = os.path.join(keep_dir or os.path.join(work, "rows"), f"{key}_choice.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     data = generated_text("hybrid", s, work, profile)
-    tune = {**s, "blocks": s["tune_blocks"], "save_steps": None}
+    short = {**s, "blocks": s["tune_blocks"], "save_steps": None}
     tried = {}
-    for lr in s["lr_candidates"]:
-        model, _ = train("tune_LLM-QAT", "4-8-4", data, tune, work, profile, lr)
+    for value in candidates:
+        model, _ = train("tune_LLM-QAT", bits, data, short, work, profile, **{**fixed, key: value})
         r = evaluate(model, ppl_data=[str(DATA / "milton_valid.jsonl")], seq_len=256, dtype=profile.eval_dtype,
                      max_windows=s["eval_windows"] or None)
-        tried[f"{lr:g}"] = round(r["ppl"]["milton_valid"]["ppl"], 4)
-        print(f"lr {lr:g}: milton_valid ppl {tried[f'{lr:g}']} after {s['tune_blocks']} blocks", flush=True)
-    choice = {"tried": tried, "blocks": s["tune_blocks"], "lr": float(min(tried, key=tried.get)),
-              "text": "milton_valid"}
+        tried[f"{value:g}"] = round(r["ppl"]["milton_valid"]["ppl"], 4)
+        print(f"{key} {value:g}: milton_valid ppl {tried[f'{value:g}']} after {s['tune_blocks']} blocks ({bits})",
+              flush=True)
+    choice = {"tried": tried, "blocks": s["tune_blocks"], key: float(min(tried, key=tried.get)), "text": "milton_valid"}
+    if bits != "4-8-4":
+        choice["bits"] = bits
     write_json(path, choice)
     return choice
+
+
+def choose_lr(s, work, profile, keep_dir):
+    """The learning rate of every trained row: tuned at LLM-QAT 4-8-4."""
+    return tune(s, work, profile, keep_dir, "lr", "4-8-4", s["lr_candidates"])
+
+
+def choose_range_lr(s, work, profile, keep_dir):
+    """The learned ranges' learning rate (--w_range_lr) of every learned-scale row: tuned at the first learned
+    setting below 4 bits (the weights' learning rate fixed at the chosen one), candidates x0.1, x1, x10 of it."""
+    bits = next(b for b in profile.learned_bits if QuantSetting.parse(b).w_bits < 4)
+    return tune(s, work, profile, keep_dir, "range_lr", bits, [s["chosen_lr"] * f for f in (0.1, 1, 10)],
+                lr=s["chosen_lr"])
 
 
 def select_rows(plan, spec):
@@ -447,15 +480,19 @@ def main(argv=None):
             choice = choose_lr(s, work, profile, keep_dir)  # before the first trained row
             s["chosen_lr"], s["lr_choice"] = choice["lr"], choice
             print(f"learning rate {choice['lr']:g} (milton_valid ppl {choice['tried']})", flush=True)
+        if not done and QuantSetting.parse(row.bits).w_quantizer != "absmax" and "chosen_range_lr" not in s:
+            choice = choose_range_lr(s, work, profile, keep_dir)  # before the first learned-scale row
+            s["chosen_range_lr"], s["range_lr_choice"] = choice["range_lr"], choice
+            print(f"range learning rate {choice['range_lr']:g} (milton_valid ppl {choice['tried']})", flush=True)
         cached = " (done before)" if done else ""
         print(f"[{k}/{len(plan)}] {row.slug}{cached} ({time.time() - start:.0f} s so far)", flush=True)
         results[row] = row_result(row, s, work, profile, keep_dir)
-    if "lr_choice" not in s:
-        choice_path = keep_dir and os.path.join(keep_dir, "lr_choice.json")
-        if choice_path and os.path.exists(choice_path):
+    for key in ("lr", "range_lr"):  # the choices of earlier sessions, for the report
+        choice_path = keep_dir and os.path.join(keep_dir, f"{key}_choice.json")
+        if f"{key}_choice" not in s and choice_path and os.path.exists(choice_path):
             with open(choice_path) as f:
-                s["lr_choice"] = json.load(f)
-            s["chosen_lr"] = s["lr_choice"]["lr"]
+                s[f"{key}_choice"] = json.load(f)
+            s[f"chosen_{key}"] = s[f"{key}_choice"][key]
     rows = [results[r] for r in plan if r in results]
     pending = [r for r in plan if r not in results]
     from utils.report import write_report

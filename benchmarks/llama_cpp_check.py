@@ -1,6 +1,6 @@
 """The GGUF export run in llama.cpp (llama-cpp-python), against the same checkpoint run by us.
 
-    pip install llama-cpp-python==0.3.36     # builds llama.cpp from source: ~25-30 min on 2 cores
+    python tools/install_llama_cpp.py        # llama-cpp-python==0.3.36 built from source for this CPU: ~25-30 min
     python benchmarks/llama_cpp_check.py --model output/models/W4A8KV4 [--fp_model assets/tiny_llama]
 
 MODEL: a QAT checkpoint (train.py's output). It is exported with `export.py --format gguf`, the FP model
@@ -10,6 +10,8 @@ a sample text against our model with the same weights and unquantized activation
 llama.cpp quantizes activations itself, to Q8_0 blocks, and keeps an f16 KV cache); perplexity over windows of
 held-out text, fed the same token ids (target: within 1% of ours at W-A16-KV16); greedy tokens/s of the QAT
 GGUF, the F16 GGUF and our PyTorch compressed-tensors export. The last line is `llama_cpp_check <json>`.
+llama.cpp runs in a child process: if it crashes (a build for another CPU, AMX kernels), the check ends with one
+`error: llama.cpp crashed (SIGSEGV) ...` line naming the likely cause and the fix.
 
 Without llama-cpp-python it stops at once with one line (`error: ... needs llama-cpp-python ...`), unless
 --ours_only: the parts that need no llama.cpp (the three exports, our W-A16-KV16 perplexity over the same
@@ -35,6 +37,8 @@ from models.quant_model import QuantSetting, load_model, read_config  # noqa: E4
 from models.utils_quant import QuantizeLinear  # noqa: E402
 from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL  # noqa: E402
 from utils.data import read_texts  # noqa: E402
+from utils.child import run_in_child  # noqa: E402
+from utils.errors import InputError, cli  # noqa: E402
 from utils.model_zoo import resolve_model  # noqa: E402
 
 SAMPLE = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
@@ -67,6 +71,36 @@ def nll(logits, ids):
 def windows(tokenizer, path, seq_len, n):
     ids = tokenizer("\n\n".join(read_texts(path))).input_ids
     return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:n]
+
+
+CRASH_HINT = ("a llama.cpp built for another CPU, or its AMX kernels (a native build segfaults on its first eval on "
+              "the AMX Xeon); reinstall with python tools/install_llama_cpp.py, which picks portable flags for this "
+              "CPU (docs/export.md)")
+
+
+def cpp_measure(job):
+    """Everything llama.cpp computes, run in a child process (utils.child: a crash there is one error line): the
+    tokenization of held-out lines and of the sample, the sample's logits, the windows' summed NLL, and the greedy
+    tokens/s of the QAT and F16 GGUFs."""
+    llm = llama(job["qat_gguf"], job["n_ctx"], job["threads"])
+    out = {"lines": [llm.tokenize(t.encode(), add_bos=job["add_bos"], special=False) for t in job["lines"]],
+           "sample": llm.tokenize(SAMPLE.encode(), add_bos=job["add_bos"], special=False),
+           "sample_logits": llama_logits(llm, job["sample"]).numpy(),
+           "nll": sum(nll(llama_logits(llm, ids), ids) for ids in job["windows"])}
+
+    def generate(model):
+        def run(n):
+            model.reset()
+            for k, _ in enumerate(model.generate(job["prompt"], temp=0.0, top_k=1)):
+                if k + 1 >= n:
+                    break
+        return run
+
+    out["tok_s_gguf"] = tokens_per_second(generate(llm), job["new_tokens"])
+    del llm
+    out["tok_s_fp16_gguf"] = tokens_per_second(generate(llama(job["fp_gguf"], job["n_ctx"], job["threads"])),
+                                               job["new_tokens"])
+    return out
 
 
 def tokens_per_second(generate, n_new):
@@ -126,59 +160,47 @@ def main(argv=None):
     if not ct_dir.is_dir():
         export(model_dir, ct_dir)
     ours = weights_only(load_model(str(model_dir)).eval())
-    llm = llama(qat_gguf, args.seq_len, args.threads) if cpp else None
     result = {"model": str(model_dir), "setting": name, "gguf_mb": round(qat_gguf.stat().st_size / 1e6, 2),
               "fp16_gguf_mb": round(fp_gguf.stat().st_size / 1e6, 2)}
     sample = tokenizer(SAMPLE).input_ids
-
-    if cpp:
+    lines = [t for text in read_texts(args.ppl_data)[:20] for t in text.splitlines() if t.strip()][:200]
+    ppl_windows = windows(tokenizer, args.ppl_data, args.seq_len, args.windows)
+    if not ppl_windows:
+        raise InputError(f"{args.ppl_data}: fewer tokens than one window of --seq_len {args.seq_len}")
+    prompt = sample[:8]
+    if cpp:  # llama.cpp in a child process: a crash there is one error line, not a dead benchmark
+        theirs = run_in_child("benchmarks.llama_cpp_check:cpp_measure", {
+            "qat_gguf": str(qat_gguf), "fp_gguf": str(fp_gguf), "n_ctx": args.seq_len, "threads": args.threads,
+            "add_bos": tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id], "lines": lines, "sample": sample,
+            "windows": ppl_windows, "new_tokens": args.new_tokens, "prompt": prompt}, "llama.cpp", CRASH_HINT)
         # tokenization: held-out lines, llama.cpp's tokenizer vs Hugging Face's
-        lines = [t for text in read_texts(args.ppl_data)[:20] for t in text.splitlines() if t.strip()][:200]
-        add_bos = tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
-        same = [llm.tokenize(t.encode(), add_bos=add_bos, special=False) == tokenizer(t).input_ids for t in lines]
+        same = [ids == tokenizer(t).input_ids for t, ids in zip(lines, theirs["lines"])]
         result["tokens_equal_share"] = round(sum(same) / len(same), 4)
-        result["tokens_equal"] = llm.tokenize(SAMPLE.encode(), add_bos=add_bos, special=False) == sample
-
+        result["tokens_equal"] = theirs["sample"] == sample
         # next-token logits on the sample, same ids
-        theirs = llama_logits(llm, sample)
+        cpp_logits = torch.from_numpy(theirs["sample_logits"])
         with torch.no_grad():
             mine = ours(torch.tensor([sample])).logits[0]
-        result["max_logit_diff"] = round((theirs - mine).abs().max().item(), 4)
+        result["max_logit_diff"] = round((cpp_logits - mine).abs().max().item(), 4)
         result["max_logit_diff_rel"] = round(result["max_logit_diff"] / mine.std().item(), 4)
-        result["top1_agree"] = round((theirs.argmax(-1) == mine.argmax(-1)).float().mean().item(), 4)
+        result["top1_agree"] = round((cpp_logits.argmax(-1) == mine.argmax(-1)).float().mean().item(), 4)
 
     # perplexity over the same windows of token ids
-    nll_cpp = nll_ours = count = 0
-    for ids in windows(tokenizer, args.ppl_data, args.seq_len, args.windows):
-        if cpp:
-            nll_cpp += nll(llama_logits(llm, ids), ids)
+    nll_ours = count = 0
+    for ids in ppl_windows:
         with torch.no_grad():
             nll_ours += nll(ours(torch.tensor([ids])).logits[0], ids)
         count += len(ids) - 1
-    if not count:
-        sys.exit(f"error: {args.ppl_data}: fewer tokens than one window of --seq_len {args.seq_len}")
     result["ppl_ours_w_only"] = round(math.exp(nll_ours / count), 4)
     if cpp:
-        result["ppl_llama_cpp"] = round(math.exp(nll_cpp / count), 4)
+        result["ppl_llama_cpp"] = round(math.exp(theirs["nll"] / count), 4)
         result["ppl_rel_diff"] = round(result["ppl_llama_cpp"] / result["ppl_ours_w_only"] - 1, 5)
     result["ppl_windows"] = count // (args.seq_len - 1)
 
-    # greedy decoding speed: the QAT GGUF, the F16 GGUF, our PyTorch export
-    prompt = sample[:8]
-
-    def cpp_generate(model):
-        def run(n):
-            model.reset()
-            for k, _ in enumerate(model.generate(prompt, temp=0.0, top_k=1)):
-                if k + 1 >= n:
-                    break
-        return run
-
+    # greedy decoding speed: the QAT GGUF, the F16 GGUF (measured in the child), our PyTorch export
     if cpp:
-        result["tok_s_gguf"] = round(tokens_per_second(cpp_generate(llm), args.new_tokens), 1)
-        del llm
-        result["tok_s_fp16_gguf"] = round(tokens_per_second(cpp_generate(llama(fp_gguf, args.seq_len, args.threads)),
-                                                            args.new_tokens), 1)
+        result["tok_s_gguf"] = round(theirs["tok_s_gguf"], 1)
+        result["tok_s_fp16_gguf"] = round(theirs["tok_s_fp16_gguf"], 1)
     exported = load_model(str(ct_dir))
     ids = torch.tensor([prompt])
     result["tok_s_pytorch_export"] = round(tokens_per_second(lambda n: exported.generate(
@@ -194,4 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from models.errors import InputError
 from models.kv_cache import use_post_rope_kv_attention

@@ -54,7 +54,7 @@ def test_compiled_kd_loss_equals_the_chunked_loss():
         loss.backward()
         got.append((loss.detach(), student.grad))
         student.grad = None
-    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-5, atol=1e-7)
 
 

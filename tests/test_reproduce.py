@@ -48,3 +48,15 @@ def test_rerun_resumes_from_saved_rows_and_refuses_other_settings(quick):
     assert proc.stdout.count("(done before)") == len(rows_to_run())
     full = reproduce(out, work, check=False)
     assert full.returncode == 1 and "holds a run with other settings" in full.stderr
+
+
+def test_report_only_without_rows_writes_nothing(tmp_path):
+    """A report of no finished rows (a fresh work directory) is one error line, and the table already in
+    --out_dir is left as it was (it once became an empty list)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiny_table.json").write_text("[1]")
+    proc = reproduce(out, tmp_path / "empty_work", "--report_only", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no finished rows under ")
+    assert (out / "tiny_table.json").read_text() == "[1]" and sorted(p.name for p in out.iterdir()) == ["tiny_table.json"]

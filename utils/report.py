@@ -37,7 +37,14 @@ def markdown(rows, targets, mode, s):
             "\n## Targets\n\n"
             f"- LLM-QAT 4-8-4 recovers {fmt(None if rec is None else 100 * rec, 1)}% of the perplexity gap RTN 4-8-4 "
             f"opens against FP (target: at least 70%).\n"
-            f"- LLM-QAT 8-8-8 perplexity is {100 * (ratio - 1):+.2f}% relative to FP (target: within 3%).\n")
+            f"- LLM-QAT 8-8-8 perplexity is {'-' if ratio is None else f'{100 * (ratio - 1):+.2f}%'} relative to FP "
+            "(target: within 3%).\n")
+
+
+def tick(bits):
+    """"4-8-4" -> "W4 A8 KV4"; "3-16-16-lsq" -> "W3 A16 KV16 lsq"."""
+    w, a, kv, *rest = bits.split("-")
+    return " ".join([f"W{w}", f"A{a}", f"KV{kv}", *rest])
 
 
 def plot(rows, path, title=None):
@@ -45,7 +52,9 @@ def plot(rows, path, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     methods = [m for m in (*METHODS, "QAT-real (modern)") if any(r["method"] == m for r in rows)]
-    bits = list(dict.fromkeys(r["bits"] for r in rows if r["method"] in methods))
+    # the paper's settings (below 4 bits RTN is in the thousands and would flatten every other bar)
+    bits = list(dict.fromkeys(r["bits"] for r in rows if r["method"] in methods and r["bits"].count("-") == 2
+                              and int(r["bits"].split("-")[0]) >= 4))
     fp = next((r for r in rows if r["method"] == "FP"), None)
     if fp is None:
         return
@@ -58,9 +67,9 @@ def plot(rows, path, title=None):
                     for b in bits]
             ax.bar([i + (k - (len(methods) - 1) / 2) * width for i in range(len(bits))], vals, width, label=method)
         ax.axhline(scale * fp[key], color="black", linestyle="--", linewidth=1, label="FP")
-        ax.set_xticks(range(len(bits)), [f"W{b.replace('-', ' A', 1).replace('-', ' KV')}" for b in bits])
+        ax.set_xticks(range(len(bits)), [tick(b) for b in bits])
         ax.set_ylabel(label)
-        values = [scale * r[key] for r in rows]
+        values = [scale * r[key] for r in rows if r["method"] == "FP" or r["bits"] in bits]
         lo, hi = min(values), max(values)
         ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
     axes[0].legend()

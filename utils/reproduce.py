@@ -495,6 +495,9 @@ def main(argv=None):
             s[f"chosen_{key}"] = s[f"{key}_choice"][key]
     rows = [results[r] for r in plan if r in results]
     pending = [r for r in plan if r not in results]
+    if not rows:  # a report of nothing would replace the committed table with an empty one
+        raise InputError(f"no finished rows under {work}" + (f" or {keep_dir}" if keep_dir else "")
+                         + "; nothing written (run the table, or pass the --work_dir of a run)")
     from utils.report import write_report
     write_report(rows, targets(rows, profile), mode, s, out_dir, profile, pending)
     print(f"{len(rows)} rows in {time.time() - start:.0f} s -> {out_dir}/{profile.table}.md, .json, .png"

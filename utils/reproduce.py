@@ -76,6 +76,7 @@ class Profile:
     seeded: tuple = ()  # the methods rerun with every seed
     low_bits: tuple = ()  # below 4 bits (issue 24): RTN, GPTQ and LLM-QAT with the paper's weight quantizer
     learned_bits: tuple = ()  # LLM-QAT with learned weight scales (lsq) at these settings
+    per_text: bool = True  # rows keep ppl_by_text / acc_by_task / cpu, and are kept in <out_dir>/<table>_rows
 
 
 TINY = Profile(
@@ -84,7 +85,7 @@ TINY = Profile(
         "full": dict(start_ids=(0, 2048), gen_length=256, blocks=1536, epochs=1, lr=2e-5, eval_windows=None,
                      limit=None),
         "quick": dict(start_ids=(320, 384), gen_length=128, blocks=24, epochs=3, lr=2e-5, eval_windows=48, limit=30),
-    })
+    }, eval_dtype="auto", per_text=False)
 SMOLLM2 = Profile(
     "smollm2", "smollm2_table", "SmolLM2-135M (a real pretrained LLaMA)", ("4-8-4", "4-8-8", "4-16-16", "8-8-8"),
     {"shakespeare_eval": EMBEDDED_EVAL, "milton_areopagitica": str(DATA / "milton_areopagitica.jsonl"),
@@ -218,7 +219,7 @@ def evaluate_row(model, s, profile, setting=None, baseline=None, calib_data=None
     tasks = list(profile.tasks) if tasks is None else tasks
     return evaluate(model, setting, baseline, alpha=0.5 if baseline == "SmoothQuant" else None,
                     ppl_data=[profile.ppl_texts[t] for t in texts], seq_len=256, tasks=",".join(tasks) or None,
-                    batch_size=8, dtype="auto" if profile is TINY else profile.eval_dtype,
+                    batch_size=8, dtype=profile.eval_dtype,
                     max_windows=s["eval_windows"] or None, limit=s["limit"] or None, calib_data=calib_data)
 
 
@@ -310,7 +311,7 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
         out["seed"] = row.seed
     if QuantSetting.parse(row.bits).w_quantizer != "absmax":
         out["w_range_lr"] = s.get("chosen_range_lr")
-    if profile is not TINY:
+    if profile.per_text:
         out["ppl_by_text"], out["acc_by_task"] = scores(r, profile)
         out["cpu"] = cpu_name()
     for p in filter(None, (path, kept)):
@@ -412,7 +413,7 @@ def targets(rows, profile=TINY):
 
     fp, q8 = ppl("FP", "32-32-32"), ppl("LLM-QAT", "8-8-8")
     out = {"recovered_gap_4-8-4": recovery(), "llm_qat_8-8-8_over_fp": None if None in (fp, q8) else q8 / fp}
-    if profile is TINY:
+    if not profile.per_text:
         return out
     out["recovered_gap_4-8-4_by_text"] = {t: recovery(t) for t in profile.ppl_texts}
     for other in ("GPTQ", "SmoothQuant", "QAT-real", "QAT-real (modern)"):
@@ -454,9 +455,9 @@ def main(argv=None):
     out_dir = args.out_dir or str(REPO / "results" / ("quick" if args.quick else ""))
     default_work = f"reproduce_{args.model}{'_quick' if args.quick else ''}"
     work = os.path.abspath(args.work_dir or str(REPO / "output" / default_work))
-    keep_dir = None if profile is TINY else os.path.join(out_dir, f"{profile.table}_rows")
+    keep_dir = None if not profile.per_text else os.path.join(out_dir, f"{profile.table}_rows")
     os.makedirs(work, exist_ok=True)
-    meta = {"mode": mode, **s} if profile is TINY else {"model": args.model, "mode": mode, **s}
+    meta = {"mode": mode, **s} if not profile.per_text else {"model": args.model, "mode": mode, **s}
     for directory in filter(None, (work, keep_dir)):
         meta_path = os.path.join(directory, "settings.json")
         if os.path.exists(meta_path):

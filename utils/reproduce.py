@@ -50,6 +50,15 @@ class Row(NamedTuple):
     seed: int = 0
 
     @property
+    def setting(self):
+        return QuantSetting.parse(self.bits)
+
+    @property
+    def learned(self):
+        """LLM-QAT with learned weight scales (bits ending -lsq / -seq)."""
+        return self.setting.w_quantizer != "absmax"
+
+    @property
     def slug(self):
         name = self.method.replace(" ", "_").replace("(", "").replace(")", "")
         return f"{name}_{self.bits}" + (f"_seed{self.seed}" if self.seed else "")
@@ -133,7 +142,7 @@ def run_order(rows):
     def key(row):
         if row.method == "FP" or (row.bits == "4-8-4" and row.method in HEADLINE and not row.seed):
             return (0, HEADLINE.index(row.method))
-        low = QuantSetting.parse(row.bits).w_bits < 4 or QuantSetting.parse(row.bits).w_quantizer != "absmax"
+        low = row.setting.w_bits < 4 or row.learned
         return (4 if low else 1 if row.seed else 2 if row.bits == "4-8-4" else 3, rows.index(row))
     return sorted(rows, key=key)
 
@@ -271,7 +280,7 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
     those (a trained row's student is trained again if it is gone, and the new run replaces the row whole)."""
     path = row_path(row, work)
     kept = None if keep_dir is None else os.path.join(keep_dir, os.path.basename(path))
-    setting = None if row.method == "FP" else QuantSetting.parse(row.bits)
+    setting = None if row.method == "FP" else row.setting
     baseline = None if row.method == "FP" else row.method
     student = os.path.join(work, "models", model_name(row.method, row.bits, row.seed, s.get("chosen_lr")))
 
@@ -309,7 +318,7 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
            "eval_windows": ppl["windows"], "task_docs": task["n"]}
     if row.seed:
         out["seed"] = row.seed
-    if QuantSetting.parse(row.bits).w_quantizer != "absmax":
+    if row.learned:
         out["w_range_lr"] = s.get("chosen_range_lr")
     if profile.per_text:
         out["ppl_by_text"], out["acc_by_task"] = scores(r, profile)
@@ -481,7 +490,7 @@ def main(argv=None):
             choice = choose_lr(s, work, profile, keep_dir)  # before the first trained row
             s["chosen_lr"], s["lr_choice"] = choice["lr"], choice
             print(f"learning rate {choice['lr']:g} (milton_valid ppl {choice['tried']})", flush=True)
-        if not done and QuantSetting.parse(row.bits).w_quantizer != "absmax" and "chosen_range_lr" not in s:
+        if not done and row.learned and "chosen_range_lr" not in s:
             choice = choose_range_lr(s, work, profile, keep_dir)  # before the first learned-scale row
             s["chosen_range_lr"], s["range_lr_choice"] = choice["range_lr"], choice
             print(f"range learning rate {choice['range_lr']:g} (milton_valid ppl {choice['tried']})", flush=True)

@@ -5,11 +5,13 @@
     python eval.py /path/llama-7b-hf --ppl_data wiki2.jsonl c4.jsonl --tasks paper
 Every flag: python eval.py --help.
 """
+from utils.allocator import tune_cpu_allocator
 from utils.errors import cli
 from utils.evaluate import main as evaluate_main
 
 
 def main():
+    tune_cpu_allocator()  # huge pages, freed memory reused on CPUs (utils/allocator.py)
     cli(evaluate_main)
 
 

@@ -6,11 +6,13 @@ All shards on all GPUs: sh run_generate.sh. Every flag: python generate_data.py 
 """
 import logging
 
+from utils.allocator import tune_cpu_allocator
 from utils.errors import cli
 from utils.generate import main as generate_main
 
 
 def main(argv=None):
+    tune_cpu_allocator()  # huge pages, freed memory reused on CPUs (utils/allocator.py)
     cli(lambda: generate_main(argv))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.allocator import tune_cpu_allocator  # noqa: E402
 from utils.evaluate import evaluate  # noqa: E402
 from utils.model_zoo import resolve_model  # noqa: E402
 
@@ -34,6 +35,7 @@ def median_step(times):
 
 
 def main(argv=None):
+    tune_cpu_allocator()  # as train.py / generate_data.py run (utils/allocator.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--steps", type=int, default=10)

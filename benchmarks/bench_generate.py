@@ -30,6 +30,7 @@ import transformers
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.allocator import tune_cpu_allocator  # noqa: E402
 from utils.decode import Sampling  # noqa: E402
 from utils.generate import (default_batch_size, eos_token_ids, load_generator as load_model,  # noqa: E402
                             plan_segments, write_sequences)
@@ -116,6 +117,7 @@ def timed(fn, *args):
 
 
 def main(argv=None):
+    tune_cpu_allocator()  # as train.py / generate_data.py run (utils/allocator.py)
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
     if args.threads:

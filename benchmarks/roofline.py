@@ -32,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.allocator import tune_cpu_allocator  # noqa: E402
 from models import utils_quant  # noqa: E402
 from models.quant_model import read_config  # noqa: E402
 from utils import kd_trainer  # noqa: E402
@@ -320,6 +321,7 @@ def step(args, path):
 
 
 def main(argv=None):
+    tune_cpu_allocator()  # as train.py / generate_data.py run (utils/allocator.py)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

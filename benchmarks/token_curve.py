@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from utils.allocator import tune_cpu_allocator  # noqa: E402
 from utils.evaluate import evaluate, write_json  # noqa: E402
 from utils.reproduce import DATA, MODERN_TEXT, SMOLLM2, TINY, Row, generated_text, real_text, train  # noqa: E402
 
@@ -62,6 +63,7 @@ def smoke_settings():
 
 
 def main(argv=None):
+    tune_cpu_allocator()  # as train.py / generate_data.py run (utils/allocator.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="training budgets in blocks of 256 tokens "
                    "(default: 150 300 1200; --smoke: 2 4)")

@@ -228,10 +228,21 @@ def test_roofline():
     positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
 
 
+@pytest.mark.slow
+def test_bench_allocator():
+    """Both allocators train; the tuned one page-faults far less per step (counts, not times: deterministic)."""
+    out = lines(bench("bench_allocator.py", "--model", TINY_MODEL, "--seq", 64, "--steps", 2, "--rounds", 1))
+    per_step = r"  (\w+) +step (\d+\.\d{3}) s   page faults/step (\d+)   system CPU/step (\d+\.\d{3}) s"
+    found = {m.group(1): int(m.group(3)) for m in map(lambda line: re.fullmatch(per_step, line), out) if m}
+    assert set(found) == {"tuned", "default"}, out
+    assert found["tuned"] * 10 < found["default"], found
+    positive(*fields(r"allocator_step_speedup (\d+\.\d{2})", out[-1]))
+
+
 def test_every_benchmark_is_tested():
     """Each benchmarks/*.py is run by a test above (names written out: a new script needs its own test)."""
     scripts = {p.name for p in BENCH.glob("*.py")}
-    covered = {"bench_bf16.py", "bench_export.py", "bench_generate.py", "bench_host_memory.py", "bench_qat.py",
+    covered = {"bench_allocator.py", "bench_bf16.py", "bench_export.py", "bench_generate.py", "bench_host_memory.py", "bench_qat.py",
                "gen_dtype.py", "gpu_check.py", "llama_cpp_check.py", "token_curve.py", "roofline.py"}
     assert scripts <= covered, f"benchmarks without a test in tests/test_benchmarks.py: {sorted(scripts - covered)}"
     source = open(__file__).read()

@@ -10,7 +10,8 @@ down (32 start ids, 64 generated tokens, 4 evaluation windows, its 2e-5 learning
 no committed full-budget rows (the embedded model has none), in a temporary work dir (or --work_dir), the points
 written there, never to results/. The last line is `token_curve <json>` ({method: {blocks: {text: ppl}}}).
 
-    python benchmarks/token_curve.py [--blocks 150 300 1200] [--work_dir ~/.cache/llm-qat/reproduce_smollm2] [--smoke]
+    python benchmarks/token_curve.py [--blocks 150 300 1200] [--methods LLM-QAT "QAT-real (modern)"]
+                                     [--work_dir ~/.cache/llm-qat/reproduce_smollm2] [--smoke]
 
 A budget is N blocks of each method's own training file: the table's generated text holds ~1500 blocks and the
 handbook's training chapters ~720, so 1200 blocks of the handbook is 1.7 epochs of it (the Trainer stops at
@@ -69,6 +70,8 @@ def main(argv=None):
                    "(default: 150 300 1200; --smoke: 2 4)")
     p.add_argument("--work_dir", default=None, help="default: ~/.cache/llm-qat/reproduce_smollm2 (--smoke: a "
                    "temporary directory)")
+    p.add_argument("--methods", nargs="+", default=list(SOURCES), choices=list(SOURCES),
+                   help="which methods (default: all three)")
     p.add_argument("--smoke", action="store_true", help="the embedded model, tiny budgets, seconds (the test)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -76,17 +79,19 @@ def main(argv=None):
             work = args.work_dir or tmp
             profile = replace(TINY, real_texts={**TINY.real_texts, "real_modern": MODERN_TEXT})  # all three
             return curve_of(profile, smoke_settings(), args.blocks or [2, 4], work, Path(work) / "token_curve.json",
-                            full_rows=False)
+                            full_rows=False, methods=args.methods)
     s = dict(SMOLLM2.settings["full"])
     s["chosen_lr"] = json.loads((ROWS / "lr_choice.json").read_text())["lr"]
     return curve_of(SMOLLM2, s, args.blocks or [150, 300, 1200],
-                    args.work_dir or os.path.expanduser("~/.cache/llm-qat/reproduce_smollm2"), OUT)
+                    args.work_dir or os.path.expanduser("~/.cache/llm-qat/reproduce_smollm2"), OUT, methods=args.methods)
 
 
-def curve_of(profile, s, budgets, work, out, full_rows=True):
-    """Every method at each budget (resumable through `out`); prints the points, the slopes and the last line."""
+def curve_of(profile, s, budgets, work, out, full_rows=True, methods=tuple(SOURCES)):
+    """Every method at each budget (resumable through `out`; a point scored before a text was added is trained
+    and scored again); prints the points, the slopes and the last line."""
     curve = json.loads(out.read_text()) if out.exists() else {}
-    methods = [m for m in SOURCES if SOURCES[m] in profile.real_texts or SOURCES[m] in profile.generation]
+    methods = [m for m in SOURCES if m in methods and (SOURCES[m] in profile.real_texts or SOURCES[m] in profile.generation)]
+    wanted = set(profile.ppl_texts)
     for method in methods:  # the table's rows are the full-budget points (evaluated without milton_valid)
         curve.setdefault(method, {})
         row = ROWS / f"{Row(method, '4-8-4').slug}.json"
@@ -94,7 +99,7 @@ def curve_of(profile, s, budgets, work, out, full_rows=True):
             curve[method][str(s["blocks"])] = json.loads(row.read_text())["ppl_by_text"]
     for blocks in budgets:  # every method at each budget, smallest first: a run cut short has whole sets
         for method in methods:
-            if str(blocks) not in curve[method]:
+            if not wanted <= set(curve[method].get(str(blocks), {})):
                 curve[method][str(blocks)] = point(method, blocks, s, work, profile)
                 write_json(str(out), curve)
             print(f"{method} {blocks * 256} tokens: {curve[method][str(blocks)]}", flush=True)

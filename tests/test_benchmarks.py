@@ -163,6 +163,16 @@ def test_token_curve_smoke():
     assert (committed.read_bytes() if committed.exists() else None) == before  # never the committed points
 
 
+@pytest.mark.slow
+def test_token_curve_methods_and_stale_points(tmp_path):
+    """--methods limits the curve; a point scored before a text was added is trained and scored again."""
+    (tmp_path / "token_curve.json").write_text(json.dumps({"LLM-QAT": {"2": {"milton_valid": 1.0}}}))
+    out = lines(bench("token_curve.py", "--smoke", "--methods", "LLM-QAT", "--blocks", 2, "--work_dir", tmp_path))
+    curve = json_line("token_curve", out[-1])
+    assert set(curve) == {"LLM-QAT"}
+    assert set(curve["LLM-QAT"]["2"]) == {"shakespeare_eval", "milton_valid"} and curve["LLM-QAT"]["2"]["milton_valid"] != 1.0
+
+
 def test_gpu_check_exactness_part_on_cpu(monkeypatch, capsys):
     """Without CUDA the Triton path is the reference too: this runs the harness (cases, ties, the count)."""
     gpu_check = load("gpu_check.py")

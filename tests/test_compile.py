@@ -3,6 +3,7 @@ quantizers' compiled formula gives the same values and straight-through gradient
 inputs; the KD loss the same to fp rounding; a compiled training run learns like the eager one and saves the same
 files; the flag's spellings and its one refusal. (Speed: benchmarks/roofline.py --compile_layers.)"""
 import copy
+import os
 
 import pytest
 import torch
@@ -100,8 +101,10 @@ def test_compile_flags(tmp_path):
     assert args.compile_layers and not args.torch_compile  # regional, not accelerate's whole-model compile
     args = process_args(["--output_dir", str(tmp_path), "--torch_compile_mode", "max-autotune"])[2]
     assert args.compile_layers and not args.torch_compile and args.torch_compile_mode == "max-autotune"
-    with pytest.raises(InputError, match="--compile_layers.*--fsdp"):
-        process_args(["--output_dir", str(tmp_path), "--compile_layers", "True", "--fsdp", "full_shard"])
+    assert process_args(["--output_dir", str(tmp_path), "--compile_layers", "True", "--fsdp", "full_shard"])[2].fsdp
+    with pytest.raises(InputError, match="--compile_layers.*--fsdp needs FSDP2"):
+        process_args(["--output_dir", str(tmp_path), "--compile_layers", "True", "--fsdp", "full_shard",
+                      "--fsdp_config", '{"version": 1}'])
 
 
 def test_compiled_student_rounds_as_eager_when_asked():
@@ -146,3 +149,32 @@ def test_train_with_compile_layers_saves_the_same_student_files(tmp_path):
                                                                                             "model.safetensors")))
         assert load_model(str(model_dir)).config.w_bits == 4
     assert students[True] == students[False]
+
+
+@pytest.mark.slow
+def test_compile_layers_under_fsdp2_shards_and_computes_as_one_process(tmp_path):
+    """run_train.sh with 2 processes (FSDP2, gloo) and --compile_layers: each rank holds half of the student, the
+    first loss (before any update) is the one compiled process's, the loss falls, the student is saved."""
+    import re
+    import subprocess
+
+    from conftest import REPO
+
+    first = {}
+    for nproc in (1, 2):
+        out = tmp_path / str(nproc)
+        proc = subprocess.run(["sh", "run_train.sh", "4", "8", "4", "--model_max_length", "64", "--max_train_samples",
+                               "4", "--learning_rate", "1e-4", "--shuffle", "False", "--per_device_train_batch_size",
+                               str(4 // nproc), "--max_steps", "6", "--do_eval", "False", "--logging_steps", "1",
+                               "--compile_layers", "True"], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "NPROC": str(nproc), "OUTPUT": str(out)})
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-3000:]
+        loss = [float(x) for x in re.findall(r"'loss': '([0-9.]+)'", log)]
+        assert len(loss) == 6 and loss[-1] < loss[0], loss
+        first[nproc] = loss[0]
+        assert (out / "models" / "W4A8KV4" / "model.safetensors").is_file()
+        if nproc == 2:
+            held = re.findall(r"rank \d/2 holds (\d+) of (\d+) student ", log)
+            assert len(held) == 2 and all(2 * int(a) <= int(b) + 1024 for a, b in held), held or log[-2000:]
+    assert first[2] == pytest.approx(first[1], rel=1e-6)

@@ -131,8 +131,10 @@ class TrainingArguments(transformers.TrainingArguments):
             # the regional compilation of KDTrainer instead of accelerate's whole-model one (which would break its
             # graph at every quantizer's shared input and leave the teacher and the KD loss eager)
             self.compile_layers, self.torch_compile = True, False
-        if self.compile_layers and self.fsdp:
-            raise InputError("--compile_layers (or --torch_compile) is not supported under --fsdp yet; drop one")
+        if self.compile_layers and self.fsdp and str(self.fsdp_config.get("version", 2)) != "2":
+            # tested under FSDP2 (2 CPU processes: the same first loss as one compiled process); FSDP1 not tried
+            raise InputError("--compile_layers (or --torch_compile) under --fsdp needs FSDP2 (fsdp_config version 2, "
+                             "the default); drop one, or the version 1 setting")
         precision.setup(self)
         compile_options = self.torch_compile_backend, self.torch_compile_mode
         self.torch_compile_backend = self.torch_compile_mode = None  # else transformers turns torch_compile on

@@ -6,7 +6,7 @@
 Each variant trains in a child process of its own (the allocator is chosen at process start;
 LLMQAT_DEFAULT_ALLOCATOR=1 gives the default), rounds alternate the order. Per variant: the median step,
 the page faults per step (first touches of fresh memory: deterministic, unlike the times on a noisy machine) and
-the system CPU seconds per step. The last line: `allocator_step_speedup <x>` (default step / tuned step).
+the system CPU seconds per step, the process's peak resident memory. The last line: `allocator_step_speedup <x>` (default step / tuned step).
 """
 import argparse
 import json
@@ -63,14 +63,15 @@ def child(args):
     with tempfile.TemporaryDirectory() as tmp:
         timer = timed_training(resolve_model(args.model), str(DATA / "shakespeare_train.jsonl"), tmp, "s",
                                args.setting, True, args.steps + 2, args.batch, args.seq)
-    print(json.dumps({"times": timer.times[2:], "faults": faults[2:], "system": system[2:]}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"times": timer.times[2:], "faults": faults[2:], "system": system[2:], "peak_mib": [peak]}))
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child(args)
-    runs = {v: {"times": [], "faults": [], "system": []} for v in VARIANTS}
+    runs = {v: {"times": [], "faults": [], "system": [], "peak_mib": []} for v in VARIANTS}
     forward = list(argv if argv is not None else sys.argv[1:])
     for r in range(args.rounds):
         for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
@@ -86,7 +87,7 @@ def main(argv=None):
     for v in VARIANTS:
         med[v] = statistics.median(runs[v]["times"])
         print(f"  {v:8s} step {med[v]:.3f} s   page faults/step {statistics.median(runs[v]['faults']):.0f}   "
-              f"system CPU/step {statistics.median(runs[v]['system']):.3f} s")
+              f"system CPU/step {statistics.median(runs[v]['system']):.3f} s   peak RSS {max(runs[v]['peak_mib']):.0f} MiB")
     print(f"allocator_step_speedup {med['default'] / med['tuned']:.2f}")
 
 

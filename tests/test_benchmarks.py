@@ -242,7 +242,7 @@ def test_roofline():
 def test_bench_allocator():
     """Both allocators train; the tuned one page-faults far less per step (counts, not times: deterministic)."""
     out = lines(bench("bench_allocator.py", "--model", TINY_MODEL, "--seq", 64, "--steps", 2, "--rounds", 1))
-    per_step = r"  (\w+) +step (\d+\.\d{3}) s   page faults/step (\d+)   system CPU/step (\d+\.\d{3}) s"
+    per_step = r"  (\w+) +step (\d+\.\d{3}) s   page faults/step (\d+)   system CPU/step (\d+\.\d{3}) s   peak RSS (\d+) MiB"
     found = {m.group(1): int(m.group(3)) for m in map(lambda line: re.fullmatch(per_step, line), out) if m}
     assert set(found) == {"tuned", "default"}, out
     assert found["tuned"] * 10 < found["default"], found

@@ -1,6 +1,6 @@
 """The GGUF export run in llama.cpp (llama-cpp-python), against the same checkpoint run by us.
 
-    python tools/install_llama_cpp.py        # llama-cpp-python==0.3.36 built from source for this CPU: ~25-30 min
+    python tools/install_llama_cpp.py        # llama-cpp-python==0.3.36 built from source for this CPU: 7-30 min
     python benchmarks/llama_cpp_check.py --model output/models/W4A8KV4 [--fp_model assets/tiny_llama]
 
 MODEL: a QAT checkpoint (train.py's output). It is exported with `export.py --format gguf`, the FP model

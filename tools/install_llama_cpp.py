@@ -1,6 +1,6 @@
 """Install llama-cpp-python (for benchmarks/llama_cpp_check.py) built for this CPU with flags that run on it.
 
-    python tools/install_llama_cpp.py            # pip install llama-cpp-python==0.3.36 from source, ~25-30 min
+    python tools/install_llama_cpp.py            # pip install llama-cpp-python==0.3.36 from source, 7-30 min
     python tools/install_llama_cpp.py --print    # only print the command and CMAKE_ARGS it would run
 
 Why: there is no binary wheel here, and pip's default native build (GGML_NATIVE=ON) segfaults on its first eval on

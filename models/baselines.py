@@ -46,6 +46,8 @@ class Baseline:
 
 
 BASELINES = {b.name: b for b in (Baseline("RTN", rtn), Baseline("SmoothQuant", smoothquant, True, True),
+                                 # GPTQ: >= 3 bits only; at 2 bits the grid (a = 2 mean|w|) moves when the
+                                 # rounded weights are quantized again, so its rounding would not be kept
                                  Baseline("GPTQ", gptq, True, w_bits=range(3, 9)))}
 
 

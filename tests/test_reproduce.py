@@ -60,3 +60,10 @@ def test_report_only_without_rows_writes_nothing(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no finished rows under ")
     assert (out / "tiny_table.json").read_text() == "[1]" and sorted(p.name for p in out.iterdir()) == ["tiny_table.json"]
+
+
+def test_gptq_rows_only_where_the_baseline_takes_the_width():
+    """GPTQ refuses 2-bit weights (models/baselines.py): the SmolLM2 plan has GPTQ at 3 bits, none at 2."""
+    from utils.reproduce import SMOLLM2, rows_to_run
+    slugs = {r.slug for r in rows_to_run(SMOLLM2)}
+    assert {"GPTQ_3-16-16", "GPTQ_3-8-8", "RTN_2-16-16", "LLM-QAT_2-16-16"} <= slugs and "GPTQ_2-16-16" not in slugs

@@ -28,6 +28,7 @@ import torch
 
 from utils.data import read_texts, write_texts
 from utils.errors import InputError
+from models.baselines import BASELINES
 from models.quant_model import QuantSetting
 from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, REPO
 from utils.evaluate import evaluate, write_json
@@ -127,8 +128,9 @@ def rows_to_run(profile=TINY):
     rows += [Row("LLM-QAT (pure sampling)", "4-8-4", "sampling"), Row("LLM-QAT (pure greedy)", "4-8-4", "greedy")]
     first = {r.method: r for r in rows if r.bits == "4-8-4"}
     rows += [first[m]._replace(seed=k) for k in profile.seeds[1:] for m in profile.seeded]
-    for b in profile.low_bits:
-        rows += [Row("RTN", b), Row("GPTQ", b, "calib"), Row("LLM-QAT", b, "hybrid")]
+    for b in profile.low_bits:  # GPTQ where its grid stays put when re-quantized (not the 2-bit 2 mean|w| grid)
+        gptq = [Row("GPTQ", b, "calib")] if QuantSetting.parse(b).w_bits in BASELINES["GPTQ"].w_bits else []
+        rows += [Row("RTN", b), *gptq, Row("LLM-QAT", b, "hybrid")]
     rows += [Row("LLM-QAT", b, "hybrid") for b in profile.learned_bits]
     return rows
 

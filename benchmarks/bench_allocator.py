@@ -38,7 +38,8 @@ def parse_args(argv=None):
 
 
 def child(args):
-    """One training run in this process: a JSON line of per-step seconds, page faults and system seconds."""
+    """One training run in this process: a JSON line of per-step seconds, page faults and system seconds, and the
+    peak resident memory."""
     tune_cpu_allocator()  # a no-op under LLMQAT_DEFAULT_ALLOCATOR=1
     import torch
     from roofline import DATA, StepTimer, timed_training
@@ -58,11 +59,9 @@ def child(args):
             faults.append(page_faults() - self.marks[0])
             system.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - self.marks[1])
 
-    import roofline
-    roofline.StepTimer = Counter  # timed_training builds its timer from the module's name
     with tempfile.TemporaryDirectory() as tmp:
         timer = timed_training(resolve_model(args.model), str(DATA / "shakespeare_train.jsonl"), tmp, "s",
-                               args.setting, True, args.steps + 2, args.batch, args.seq)
+                               args.setting, True, args.steps + 2, args.batch, args.seq, timer=Counter())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"times": timer.times[2:], "faults": faults[2:], "system": system[2:], "peak_mib": [peak]}))
 

@@ -249,15 +249,16 @@ class StepTimer(TrainerCallback):
 
 
 def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4, seq=256, optim=None,
-                   profile_step=None, compile_layers=False):
+                   profile_step=None, compile_layers=False, timer=None):
     """A QAT+KD training run through the real Trainer (lr 1e-4, seed 0, nothing saved but the student), with
     a StepTimer: its per-step seconds, and the profiler of step `profile_step` if asked. setting "W-A-KV", or
-    None for the unquantized KD run. Shared with bench_bf16.py."""
+    None for the unquantized KD run; timer: a StepTimer of the caller's (a subclass that records more).
+    Shared with bench_bf16.py and bench_allocator.py."""
     from utils.process_args import process_args
     from utils.train_qat import run
 
     w, a, kv = setting.split("-") if setting else ("32", "32", "32")
-    timer = StepTimer(profile_step, compile_layers)
+    timer = timer or StepTimer(profile_step, compile_layers)
     argv = ["--input_model_filename", path, "--train_data_local_path", data, "--local_dir", out_dir,
             "--output_model_filename", name, "--qat", str(bool(setting)), "--w_bits", w, "--a_bits", a,
             "--kv_bits", kv, "--model_max_length", str(seq), "--per_device_train_batch_size", str(batch),

@@ -11,7 +11,11 @@ no committed full-budget rows (the embedded model has none), in a temporary work
 written there, never to results/. The last line is `token_curve <json>` ({method: {blocks: {text: ppl}}}).
 
     python benchmarks/token_curve.py [--blocks 150 300 1200] [--methods LLM-QAT "QAT-real (modern)"]
-                                     [--work_dir ~/.cache/llm-qat/reproduce_smollm2] [--smoke]
+                                     [--bits 4-8-4] [--work_dir ~/.cache/llm-qat/reproduce_smollm2] [--smoke]
+
+--bits W-A-KV[-lsq|-seq] trains every point at another setting of the table (learned-scale settings at the
+table's chosen range lr); points of a setting other than 4-8-4 go to results/smollm2_token_curve_<bits>.json,
+and the table's row at that setting (if committed) is its full-budget point.
 
 A budget is N blocks of each method's own training file: the table's generated text holds ~1500 blocks and the
 handbook's training chapters ~720, so 1200 blocks of the handbook is 1.7 epochs of it (the Trainer stops at
@@ -30,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from utils.allocator import tune_cpu_allocator  # noqa: E402
 from utils.evaluate import evaluate, write_json  # noqa: E402
+from models.quant_model import QuantSetting  # noqa: E402
 from utils.reproduce import DATA, MODERN_TEXT, SMOLLM2, TINY, Row, generated_text, real_text, train  # noqa: E402
 
 ROWS = REPO / "results" / "smollm2_table_rows"
@@ -37,11 +42,11 @@ OUT = REPO / "results" / "smollm2_token_curve.json"
 SOURCES = {"LLM-QAT": "hybrid", "QAT-real": "real", "QAT-real (modern)": "real_modern"}
 
 
-def point(method, blocks, s, work, profile=SMOLLM2):
+def point(method, blocks, s, work, profile=SMOLLM2, bits="4-8-4"):
     key = SOURCES[method]
     data = real_text(work, key, profile) if key in profile.real_texts else generated_text("hybrid", s, work, profile)
     budget = {**s, "blocks": blocks, "save_steps": None, "max_steps": blocks * s["epochs"] // 4}  # batch 4
-    model, seconds = train(f"curve{blocks}_{method}", "4-8-4", data, budget, work, profile, s["chosen_lr"])
+    model, seconds = train(f"curve{blocks}_{method}", bits, data, budget, work, profile, s["chosen_lr"])
     texts = [*profile.ppl_texts.values(), str(DATA / "milton_valid.jsonl")]
     r = evaluate(model, ppl_data=texts, seq_len=256, dtype=profile.eval_dtype, max_windows=s["eval_windows"])
     return {name: round(v["ppl"], 4) for name, v in r["ppl"].items()}
@@ -72,6 +77,8 @@ def main(argv=None):
                    "temporary directory)")
     p.add_argument("--methods", nargs="+", default=list(SOURCES), choices=list(SOURCES),
                    help="which methods (default: all three)")
+    p.add_argument("--bits", default="4-8-4", type=setting_arg, help="W-A-KV of every point, optionally -lsq / -seq "
+                   "(default: 4-8-4, the curve of the table's central setting)")
     p.add_argument("--smoke", action="store_true", help="the embedded model, tiny budgets, seconds (the test)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -79,14 +86,27 @@ def main(argv=None):
             work = args.work_dir or tmp
             profile = replace(TINY, real_texts={**TINY.real_texts, "real_modern": MODERN_TEXT})  # all three
             return curve_of(profile, smoke_settings(), args.blocks or [2, 4], work, Path(work) / "token_curve.json",
-                            full_rows=False, methods=args.methods)
+                            full_rows=False, methods=args.methods, bits=args.bits)
     s = dict(SMOLLM2.settings["full"])
     s["chosen_lr"] = json.loads((ROWS / "lr_choice.json").read_text())["lr"]
+    if QuantSetting.parse(args.bits).w_quantizer != "absmax":
+        s["chosen_range_lr"] = json.loads((ROWS / "range_lr_choice.json").read_text())["range_lr"]
+    out = OUT if args.bits == "4-8-4" else OUT.with_name(f"smollm2_token_curve_{args.bits}.json")
     return curve_of(SMOLLM2, s, args.blocks or [150, 300, 1200],
-                    args.work_dir or os.path.expanduser("~/.cache/llm-qat/reproduce_smollm2"), OUT, methods=args.methods)
+                    args.work_dir or os.path.expanduser("~/.cache/llm-qat/reproduce_smollm2"), out, methods=args.methods,
+                    bits=args.bits)
 
 
-def curve_of(profile, s, budgets, work, out, full_rows=True, methods=tuple(SOURCES)):
+def setting_arg(text):
+    """--bits: a setting QuantSetting parses (W-A-KV, optionally -lsq / -seq), else argparse's one error line."""
+    try:
+        QuantSetting.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return text
+
+
+def curve_of(profile, s, budgets, work, out, full_rows=True, methods=tuple(SOURCES), bits="4-8-4"):
     """Every method at each budget (resumable through `out`; a point scored before a text was added is trained
     and scored again); prints the points, the slopes and the last line."""
     curve = json.loads(out.read_text()) if out.exists() else {}
@@ -94,13 +114,13 @@ def curve_of(profile, s, budgets, work, out, full_rows=True, methods=tuple(SOURC
     wanted = set(profile.ppl_texts)
     for method in methods:  # the table's rows are the full-budget points (evaluated without milton_valid)
         curve.setdefault(method, {})
-        row = ROWS / f"{Row(method, '4-8-4').slug}.json"
+        row = ROWS / f"{Row(method, bits).slug}.json"
         if full_rows and row.exists():
             curve[method][str(s["blocks"])] = json.loads(row.read_text())["ppl_by_text"]
     for blocks in budgets:  # every method at each budget, smallest first: a run cut short has whole sets
         for method in methods:
             if not wanted <= set(curve[method].get(str(blocks), {})):
-                curve[method][str(blocks)] = point(method, blocks, s, work, profile)
+                curve[method][str(blocks)] = point(method, blocks, s, work, profile, bits)
                 write_json(str(out), curve)
             print(f"{method} {blocks * 256} tokens: {curve[method][str(blocks)]}", flush=True)
     write_json(str(out), curve)

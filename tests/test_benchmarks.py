@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import re
+import subprocess
 import sys
 
 import pytest
@@ -165,12 +166,21 @@ def test_token_curve_smoke():
 
 @pytest.mark.slow
 def test_token_curve_methods_and_stale_points(tmp_path):
-    """--methods limits the curve; a point scored before a text was added is trained and scored again."""
+    """--methods limits the curve; a point scored before a text was added is trained and scored again; --bits
+    trains the points at that setting (here learned 2-bit scales); a bad --bits is one error line."""
     (tmp_path / "token_curve.json").write_text(json.dumps({"LLM-QAT": {"2": {"milton_valid": 1.0}}}))
-    out = lines(bench("token_curve.py", "--smoke", "--methods", "LLM-QAT", "--blocks", 2, "--work_dir", tmp_path))
+    out = lines(bench("token_curve.py", "--smoke", "--methods", "LLM-QAT", "--blocks", 2, "--work_dir", tmp_path,
+                      "--bits", "2-16-16-lsq"))
     curve = json_line("token_curve", out[-1])
     assert set(curve) == {"LLM-QAT"}
     assert set(curve["LLM-QAT"]["2"]) == {"shakespeare_eval", "milton_valid"} and curve["LLM-QAT"]["2"]["milton_valid"] != 1.0
+    (student,) = (tmp_path / "models").iterdir()
+    config = json.loads((student / "config.json").read_text())
+    assert student.name.startswith("curve2_LLM-QAT_2-16-16-lsq")
+    assert (config["w_bits"], config["a_bits"], config["w_quantizer"]) == (2, 16, "lsq"), config
+    bad = subprocess.run([sys.executable, str(BENCH / "token_curve.py"), "--smoke", "--bits", "5-8"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--bits: '5-8': quantization setting '5-8'" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_gpu_check_exactness_part_on_cpu(monkeypatch, capsys):

@@ -7,7 +7,7 @@
 # With GPUs: one process per visible GPU, bf16, FSDP full_shard auto_wrap on the decoder layer class.
 set -e
 cd "$(dirname "$0")"
-usage="usage: sh $0 W A KV [train.py args]   (bits: 1-8, 16 or 32)"
+usage="usage: sh $0 W A KV [train.py args]   (bits: 1-8, 16 or 32; W 0: ternary, with --w_quantizer seq)"
 [ $# -ge 3 ] || { echo "$usage" >&2; exit 1; }
 W=$1 A=$2 KV=$3; shift 3
 
@@ -42,11 +42,18 @@ fi
 EVAL="--do_eval True --eval_data_local_path $EVAL_DATA"
 [ -e "$EVAL_DATA" ] || { EVAL=""; echo "note: no eval data $EVAL_DATA: skipping perplexity (set EVAL_DATA)"; }
 
-# The bits are checked by QuantSetting (one rule, one message); then the devices and whether bf16 pays.
+# The bits (with --w_quantizer, if given: ternary w_bits 0 needs seq) are checked by QuantSetting (one rule, one
+# message); then the devices and whether bf16 pays.
+WQ=absmax PREV=
+for ARG in "$@"; do
+  case "$PREV" in --w_quantizer) WQ=$ARG ;; esac
+  case "$ARG" in --w_quantizer=*) WQ=${ARG#*=} ;; esac
+  PREV=$ARG
+done
 CHECK=$($PYTHON -c "import sys, torch; from models.dtypes import bf16_pays
 from models.quant_model import QuantSetting, read_config; from utils.errors import cli
-cli(lambda: QuantSetting.of(*sys.argv[1:4]))
-print(torch.cuda.device_count(), int(bf16_pays(cli(lambda: read_config(sys.argv[4])))))" "$W" "$A" "$KV" "$MODEL") || exit 1
+cli(lambda: QuantSetting.of(*sys.argv[1:4], w_quantizer=sys.argv[5]))
+print(torch.cuda.device_count(), int(bf16_pays(cli(lambda: read_config(sys.argv[4])))))" "$W" "$A" "$KV" "$MODEL" "$WQ") || exit 1
 read -r NGPU BF16 <<EOT
 $CHECK
 EOT

@@ -11,6 +11,7 @@ meaning w = (q - zero_point) * weight_scale, LLM-QAT's fake-quant weight (quanti
     2 bits     q in {-2, -1, 0, 1}, scale = a / 2, zero_point -0.5: levels {-1.5, -0.5, 0.5, 1.5} * a/2;
     1 bit      q in {-1, 0}, scale = 2 mean|w|, zero_point -0.5: levels -+mean|w| (a weight of exactly 0, which
                the QAT model keeps at 0, is not representable: export would report it as a weight mismatch).
+    ternary    (w_bits 0, learned seq range a) q in {-1, 0, 1} stored in 2 bits, scale = a / 1.5, zero_point 0.
 Exactness. >= 3 bits: the loaded model's weights and logits are bit-exact. The scales are float64 for this: in
 fp32, q * (1 / (s + 1e-6)) is 1 ulp off the QAT model's q / (s + 1e-6) for some weights, and with 8-bit
 activations and a 4-bit KV cache such differences flip roundings downstream (0.09 max logit difference on the
@@ -60,8 +61,8 @@ def check_input(model_dir, out_dir):
         raise InputError(f"{model_dir} is not a QAT checkpoint: its config.json has no w_bits/a_bits/kv_bits")
     if hasattr(config, "llmqat_export"):
         raise InputError(f"{model_dir} is already an exported checkpoint")
-    if not 1 <= config.w_bits <= 8:
-        raise InputError(f"w_bits={config.w_bits} in {model_dir}: only 1-8 bit weights are exported")
+    if not 0 <= config.w_bits <= 8:
+        raise InputError(f"w_bits={config.w_bits} in {model_dir}: only 1-8 bit and ternary (0) weights are exported")
     for name, files in (("weights", ("model.safetensors", "model.safetensors.index.json")),
                         ("tokenizer", ("tokenizer_config.json",))):
         if not any((model_dir / f).is_file() for f in files):

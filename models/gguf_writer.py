@@ -45,13 +45,13 @@ def block_type(bits):
 def fits_blocks(linear):
     """Whether a QuantizeLinear's grid has one scale per block of 32 weights (else it is written as F32)."""
     group = linear.w_group_size
-    return 1 <= linear.w_bits <= 8 and linear.in_features % BLOCK == 0 and (not group or group % BLOCK == 0)
+    return 0 <= linear.w_bits <= 8 and linear.in_features % BLOCK == 0 and (not group or group % BLOCK == 0)
 
 
 def grid_blocks(grid):
     """A WeightGrid [out, in] as ggml blocks: uint8 [out, in / 32 * block bytes] of its block_type."""
     codes, scale = grid.codes.long(), grid.scale  # scale float64 [out, 1 or in / G]
-    if grid.bits <= 2:  # half-integer levels: w = (2 code + 1) * scale / 2
+    if 1 <= grid.bits <= 2:  # half-integer levels: w = (2 code + 1) * scale / 2 (ternary: w = code * scale)
         codes, scale = 2 * codes + 1, scale / 2
     out, n = codes.shape
     d = scale.repeat_interleave(n // scale.shape[1], dim=1)[:, ::BLOCK]  # one scale per block

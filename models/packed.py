@@ -8,7 +8,7 @@ meaning w = (codes - zero_point) * weight_scale: models.utils_quant.WeightGrid, 
 import torch
 
 from models.packing import pack, packed_words, unpack
-from models.utils_quant import QuantizeLinear, WeightGrid, dequantize
+from models.utils_quant import QuantizeLinear, WeightGrid, dequantize, storage_bits
 
 
 class PackedQuantizeLinear(QuantizeLinear):
@@ -23,7 +23,7 @@ class PackedQuantizeLinear(QuantizeLinear):
                          w_group_size=linear.w_group_size, device="meta")
         self.weight, self.bias = None, linear.bias
         out, n = linear.out_features, linear.in_features
-        self.register_buffer("weight_packed", torch.zeros(out, packed_words(n, self.w_bits), dtype=torch.int32))
+        self.register_buffer("weight_packed", torch.zeros(out, packed_words(n, storage_bits(self.w_bits)), dtype=torch.int32))
         scales = n // self.w_group_size if self.w_group_size else 1
         self.register_buffer("weight_scale", torch.zeros(out, scales, dtype=torch.float64))
         self.register_buffer("weight_shape", torch.tensor([out, n]))
@@ -32,12 +32,12 @@ class PackedQuantizeLinear(QuantizeLinear):
     def from_linear(cls, linear):
         packed = cls(linear)
         grid = linear.weight_grid()  # absmax's grid, or the learned scale's
-        packed.weight_packed.copy_(pack(grid.codes, linear.w_bits))
+        packed.weight_packed.copy_(pack(grid.codes, storage_bits(linear.w_bits)))
         packed.weight_scale.copy_(grid.scale)
         return packed
 
     def grid(self):
-        codes = unpack(self.weight_packed, self.w_bits, self.in_features)
+        codes = unpack(self.weight_packed, storage_bits(self.w_bits), self.in_features)
         return WeightGrid(codes, self.weight_scale, self.w_bits)
 
     def dequantized_weight(self):

@@ -26,7 +26,7 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCa
 from models.errors import InputError
 from models.kv_cache import use_post_rope_kv_attention
 from models.packed import PackedQuantizeLinear
-from models.utils_quant import BITS_RULE, W_QUANTIZERS, QuantizeLinear, SharedInput
+from models.utils_quant import BITS_RULE, TERNARY, W_QUANTIZERS, QuantizeLinear, SharedInput
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ _LABEL = re.compile(r"(\d+)-(\d+)-(\d+)(?:-g(\d+))?(?:-(lsq|seq))?$")
 
 @dataclass(frozen=True)
 class QuantSetting:
-    """Bit widths of weights, input activations and the KV cache (32: not quantized), checked once, here.
+    """Bit widths of weights, input activations and the KV cache (32: not quantized; w_bits 0: ternary weights,
+    ParetoQ's SEQ grid, with w_quantizer seq only), checked once, here.
 
     name "W4A8KV4" (run and model directory names), label "4-8-4" (tables), both with "-g128" for groups of
     128 weight columns and "-lsq" / "-seq" for learned weight scales; written to and read from a model's
@@ -53,6 +54,8 @@ class QuantSetting:
 
     def __post_init__(self):
         for field, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits), ("kv_bits", self.kv_bits)):
+            if type(bits) is int and field == "w_bits" and bits == TERNARY:
+                continue  # ternary weights: checked with the quantizer below
             if type(bits) is not int or bits not in ALLOWED_BITS:
                 raise InputError(f"{field}={bits} is not allowed; use {BITS_RULE}")
         if self.kv_bits == 1:
@@ -74,9 +77,12 @@ class QuantSetting:
             raise InputError(f"w_quantizer={q} is not allowed; use {', '.join(W_QUANTIZERS)}")
         if q == "lsq" and not 2 <= w <= 8:
             raise InputError(f"w_quantizer=lsq with w_bits={w}: learned scales need w_bits 2-8")
-        if q == "seq" and w != 2:
-            raise InputError(f"w_quantizer=seq with w_bits={w}: SEQ is ParetoQ's 2-bit grid; use w_bits 2 "
-                             "(lsq for 3-8 bits)")
+        if q == "seq" and w not in (2, TERNARY):
+            raise InputError(f"w_quantizer=seq with w_bits={w}: SEQ is ParetoQ's grid for 2 bits and ternary; use "
+                             "w_bits 2 or 0 (lsq for 3-8 bits)")
+        if w == TERNARY and q != "seq":
+            raise InputError(f"w_bits=0 (ternary) with w_quantizer={q}: ternary weights are ParetoQ's SEQ grid "
+                             "with a learned range; add w_quantizer seq (-seq)")
 
     @classmethod
     def parse(cls, text, kv_post_rope=False):

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BITS_RULE = "1-8, 16 or 32 (32: not quantized)"  # the widths a QuantSetting allows
+BITS_RULE = "1-8, 16 or 32 (32: not quantized)"  # the widths a QuantSetting allows (and w_bits 0: TERNARY)
+TERNARY = 0  # w_bits 0: ParetoQ's ternary ("1.58-bit") grid, levels {-1, 0, 1} * a / 1.5 with a learned a (seq only)
 CLIP_VAL = (-2.0, 2.0)  # gradient is zeroed where the quantizer input lies outside (-2, 2)
 # CUDA tensors go through the fused Triton kernels (models/kernels.py); LLMQAT_TRITON=0, or setting this
 # flag to False, runs the PyTorch reference on GPUs too (A/B checks). CPU tensors always use the reference.
@@ -87,6 +88,20 @@ def half_codes(w, a):
     return torch.round(torch.clamp(w / a, -HALF_CLIP, HALF_CLIP) * 2 - 0.5)
 
 
+TERNARY_STRETCH = 1.5  # ParetoQ's n_levels at num_bits 0 (shift 0): codes round(1.5 w / a), |codes| <= 1
+
+
+def ternary_codes(w, a):
+    """The ternary grid's codes {-1, 0, 1}: round(clamp(w / a, -0.99, 0.99) * 1.5) (ParetoQ's stretched elastic
+    quantization at num_bits 0); the levels are code * a / 1.5, zero included."""
+    return torch.round(torch.clamp(w / a, -HALF_CLIP, HALF_CLIP) * TERNARY_STRETCH)
+
+
+def storage_bits(bits):
+    """Bits per stored code: the ternary codes {-1, 0, 1} take 2."""
+    return 2 if bits == TERNARY else bits
+
+
 def groups(weight, group_size):
     """The [out * in / G, G] view of a [out, in] weight's groups of G input columns (G must divide in)."""
     if weight.shape[-1] % group_size:
@@ -100,7 +115,8 @@ class WeightGrid:
     [out, 1] (or [1, 1] per tensor, [out, in / G] per group of G columns). >= 3 bits: codes round(w s), scale 1/(s + 1e-6) (float64 so that
     s + 1e-6 comes back exactly: dequantize divides as fake quantization does, bit for bit). 2 bits: codes
     {-2..1}, zero point -0.5, levels {-1.5, -0.5, 0.5, 1.5} * a/2, a = 2 mean|w|. 1 bit: codes {-1, 0},
-    zero point -0.5, levels -+mean|w| (no zero level: the fake quantizer's sign(0) = 0 is not a code)."""
+    zero point -0.5, levels -+mean|w| (no zero level: the fake quantizer's sign(0) = 0 is not a code).
+    Ternary (bits 0, learned a only): codes {-1, 0, 1}, zero point 0, scale a / 1.5."""
     codes: torch.Tensor
     scale: torch.Tensor
     bits: int
@@ -111,8 +127,9 @@ class WeightGrid:
 
 
 def zero_point(bits):
-    """0 on the symmetric >= 3-bit grids; -0.5 on the 1- and 2-bit grids, whose levels sit between integers."""
-    return -0.5 if bits <= 2 else 0.0
+    """0 on the symmetric >= 3-bit and ternary grids; -0.5 on the 1- and 2-bit grids, whose levels sit between
+    integers."""
+    return -0.5 if 1 <= bits <= 2 else 0.0
 
 
 def weight_grid(weight, bits, layerwise=False, group_size=None, weight_range=None):
@@ -120,8 +137,10 @@ def weight_grid(weight, bits, layerwise=False, group_size=None, weight_range=Non
     input columns; computed in fp32 with the same operations as the fake quantizer, so the codes are the QAT
     model's own roundings. weight_range: a learned range r ([out, 1] or [out, in / G], LearnedScaleQuant) instead
     of the one absmax computes from the weight."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"w_bits={bits}: only 1-8 bit weights have integer codes")
+    if not (1 <= bits <= 8 or bits == TERNARY):
+        raise ValueError(f"w_bits={bits}: only 1-8 bit and ternary (0) weights have integer codes")
+    if bits == TERNARY and weight_range is None:
+        raise ValueError("w_bits=0 (ternary) has no grid without a learned range (w_quantizer seq)")
     if group_size:
         r = None if weight_range is None else weight_range.reshape(-1, 1)
         g = weight_grid(groups(weight, group_size), bits, weight_range=r)
@@ -138,6 +157,8 @@ def weight_grid(weight, bits, layerwise=False, group_size=None, weight_range=Non
     if bits == 2:
         a = 2 * reduce(w.abs(), torch.mean) if learned is None else learned
         return WeightGrid(half_codes(w, a).to(torch.int8), (a / 2).double(), bits)
+    if bits == TERNARY:
+        return WeightGrid(ternary_codes(w, learned).to(torch.int8), (learned / TERNARY_STRETCH).double(), bits)
     mean_abs = reduce(w.abs(), torch.mean)
     return WeightGrid(-(w < 0).to(torch.int8), (2 * mean_abs).double(), bits)
 
@@ -320,12 +341,17 @@ class LearnedScaleQuant(torch.autograd.Function):
         c = clamp(round(w s), -L, L),  w_q = c / (s + 1e-6)          (sym_codes, sym_dequant)
     2 bits: r = a (LLM-QAT's 2 mean|w|, ParetoQ's alpha):
         c = round(clamp(w / a, -0.99, 0.99) * 2 - 1/2),  w_q = (c + 1/2) * a/2      (half_codes)
+    ternary (bits 0; ParetoQ's SEQ at num_bits 0): r = a:
+        c = round(clamp(w / a, -0.99, 0.99) * 1.5),  w_q = c * a/1.5               (ternary_codes)
     Backward (LSQ): w gets the straight-through gradient where it lies inside the grid's range (|w s| <= L,
     |w / a| <= 0.99), 0 outside. r gets LSQ's step-size gradient by the chain rule, scaled by
-    g = 1 / sqrt(cols * Q_P) (Q_P = L = 2^(b-1) - 1, 1 at 2 bits as ParetoQ; cols = weights per range).
+    g = 1 / sqrt(cols * Q_P) (Q_P = L = 2^(b-1) - 1, 1 at 2 bits and ternary as ParetoQ; cols = weights per range).
     LSQ: dw_q/dDelta = c - w/Delta inside the range, c outside (round's derivative taken as 1). Here
         >= 3 bits  Delta = 1 / (s + 1e-6), s = L / r:  dw_q/dr = (w_q - w [inside]) / r * s / (s + 1e-6)
         2 bits     Delta = a / 2 (levels (c + 1/2) Delta):  dw_q/da = (w_q - w [inside]) / a
+        ternary    Delta = a / 1.5 (levels c Delta):         dw_q/da = (w_q - w [inside]) / a
+    (ParetoQ's ternary backward gives dw_q/da = +-1 outside the range, where its forward's derivative is +-1/1.5;
+    this is the forward's own derivative, as at 2 bits, where the two agree.)
     and dLoss/dr = g * sum over the row of dLoss/dw_q * dw_q/dr."""
 
     @staticmethod
@@ -346,7 +372,7 @@ class LearnedScaleQuant(torch.autograd.Function):
         else:
             inside = (w / r).abs() <= HALF_CLIP
             dq_dr = (q - w * inside) / r
-        g = 1 / math.sqrt(w.shape[-1] * sym_levels(ctx.bits))
+        g = 1 / math.sqrt(w.shape[-1] * (sym_levels(ctx.bits) if ctx.bits >= 3 else 1))
         grad_range = (grad * dq_dr).sum(dim=-1, keepdim=True) * g
         return (grad * inside).to(weight.dtype), grad_range.to(weight_range.dtype), None, None
 
@@ -356,12 +382,15 @@ def learned_grid_value(w, r, bits):
     if bits >= 3:
         s = range_scale(r, bits)
         return sym_dequant(sym_codes(w, s, bits), s)
+    if bits == TERNARY:
+        return ternary_codes(w, r) * (r / TERNARY_STRETCH)
     return (half_codes(w, r) - zero_point(bits)) * (r / 2)
 
 
 def initial_range(weight, bits, quantizer, group_size=None):
     """The learned range's start, [out, 1] or [out, in / G], fp32. lsq: absmax's own (r = max|w| + 1e-6, at 2 bits
-    a = 2 mean|w|), so the first forward is absmax's grid bit for bit; seq: a = max|w| (ParetoQ's initialization)."""
+    a = 2 mean|w|), so the first forward is absmax's grid bit for bit; seq (2 bits, ternary): a = max|w| (ParetoQ's
+    initialization)."""
     w = weight.detach().float()
     rows = groups(w, group_size) if group_size else w
     if bits >= 3:
@@ -415,7 +444,7 @@ class QuantizeLinear(nn.Linear):
 
     @property
     def learns_scale(self):
-        return self.w_quantizer != "absmax" and 2 <= self.w_bits <= 8
+        return self.w_quantizer != "absmax" and (2 <= self.w_bits <= 8 or self.w_bits == TERNARY)
 
     def init_weight_range(self, empty=False):
         """(Re)create the learned range weight_range from the current weight (initial_range); empty: allocated, not

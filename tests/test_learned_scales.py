@@ -17,7 +17,7 @@ from models.export import export
 from models.export_gguf import MAX_REL_WEIGHT_ERR, export_gguf
 from models.packed import PackedQuantizeLinear
 from models.quant_model import QuantSetting, load_exported, load_model
-from models.utils_quant import EPS, QuantizeLinear, initial_range, quantize_weight
+from models.utils_quant import EPS, QuantizeLinear, dequantize, initial_range, learned_quantize_weight
 from utils.constants import EMBEDDED_EVAL, EMBEDDED_MODEL, EMBEDDED_TRAIN
 from utils.data import load_blocks
 from utils.kd_trainer import kd_loss
@@ -98,18 +98,21 @@ def lsq_reference(w, r, bits):
     """LSQ written in its own variables, differentiated by autograd: step Delta, w_q = round(clamp(w / Delta)) Delta.
     >= 3 bits Delta = 1 / (s + 1e-6), s = L / r, codes -L..L; 2 bits: Delta = a / 2, the zero-free levels."""
     levels = 2 ** (bits - 1) - 1
-    r = grad_scale(r, 1 / math.sqrt(w.shape[-1] * levels))
+    r = grad_scale(r, 1 / math.sqrt(w.shape[-1] * (levels if bits >= 3 else 1)))
     if bits >= 3:
         delta = 1 / (levels / r + EPS)
         return round_ste(torch.clamp(w / delta, -levels, levels)) * delta
+    if bits == 0:  # ternary: Delta = a / 1.5, levels -1, 0, 1 (times Delta)
+        return round_ste(torch.clamp(w / r, -0.99, 0.99) * 1.5) * (r / 1.5)
     delta = r / 2
     x = torch.clamp(w / r, -0.99, 0.99)
     return (round_ste(x * 2 - 0.5) + 0.5) * delta
 
 
-@pytest.mark.parametrize("bits,group", [(3, None), (4, None), (4, 16), (8, None), (2, None), (2, 16)])
+@pytest.mark.parametrize("bits,group", [(3, None), (4, None), (4, 16), (8, None), (2, None), (2, 16), (0, None),
+                                        (0, 16)])
 def test_range_gradient_is_lsq_by_autograd(bits, group):
-    _, lin = pair(bits, group, seed=bits)
+    _, lin = pair(bits, group, quantizer="seq" if bits == 0 else "lsq", seed=bits)
     with torch.no_grad():
         lin.weight_range.mul_(0.7)  # some weights now outside the range: the clipped branch is exercised too
     upstream = torch.randn(24, 64)
@@ -123,6 +126,30 @@ def test_range_gradient_is_lsq_by_autograd(bits, group):
     torch.testing.assert_close(lin.weight_range.grad, r.grad, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(lin.weight.grad, w.grad, rtol=1e-6, atol=0)  # w / Delta * Delta: 1 up to rounding
     assert (lin.weight.grad == 0).any() and (lin.weight.grad != 0).any()
+
+
+def test_ternary_seq_grid_and_gradient_by_hand():
+    # a = 0.5: w / a = 0.6, -0.2, 0.1, -1.4 (clamped to -0.99); times 1.5: 0.9, -0.3, 0.15, -1.485 -> codes 1, 0, 0, -1
+    lin = QuantizeLinear(4, 1, w_bits=0, w_quantizer="seq")
+    lin.weight.data = torch.tensor([[0.3, -0.1, 0.05, -0.7]])
+    lin.init_weight_range()
+    assert lin.weight_range.tolist() == [[pytest.approx(0.7)]]  # ParetoQ's start: a = max|w|
+    lin.weight_range.data = torch.tensor([[0.5]])
+    q = lin.quantized_weight()
+    third = torch.tensor(0.5) / 1.5  # fp32: levels code * a / 1.5, zero included
+    assert torch.equal(q.detach(), torch.stack([third, 0 * third, 0 * third, -third]).view(1, 4))
+    grid = lin.weight_grid()
+    assert grid.codes.tolist() == [[1, 0, 0, -1]] and grid.zero_point == 0 and torch.equal(dequantize(grid), q.detach())
+    q.backward(torch.tensor([[1.0, 2.0, -1.0, 0.5]]))
+    # dq/da = (q - w [inside]) / a = (1/3 - 0.3, 0.1, -0.05, -1/3) / 0.5; summed with the gradient: 0.7 / 3;
+    # g = 1 / sqrt(4 * 1) (ParetoQ's Q_P at num_bits 0)
+    torch.testing.assert_close(lin.weight_range.grad, torch.tensor([[0.7 / 3 * 0.5]]), rtol=1e-6, atol=0)
+    assert lin.weight.grad.tolist() == [[1.0, 2.0, -1.0, 0.0]]  # straight through inside the range only
+    torch.manual_seed(0)
+    big = QuantizeLinear(64, 8, w_bits=0, w_quantizer="seq")
+    levels = (big.quantized_weight() / big.weight_range * 1.5).detach()
+    assert set(levels.round().flatten().tolist()) == {-1.0, 0.0, 1.0}
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-6)
 
 
 def test_seq_levels_and_paretoq_initialization():
@@ -145,7 +172,9 @@ def test_setting_names_config_and_errors():
     assert (s.name, s.label) == ("W2A16KV16-lsq", "2-16-16-lsq")
     g = QuantSetting(2, 8, 4, w_group_size=32, w_quantizer="seq")
     assert (g.name, g.label) == ("W2A8KV4-g32-seq", "2-8-4-g32-seq")
-    for x in (s, g, QuantSetting(4, 8, 4)):
+    t = QuantSetting(0, 8, 4, w_quantizer="seq")
+    assert (t.name, t.label) == ("W0A8KV4-seq", "0-8-4-seq")
+    for x in (s, g, t, QuantSetting(4, 8, 4)):
         assert QuantSetting.parse(x.name) == QuantSetting.parse(x.label) == x
     assert QuantSetting(4, 8, 4).name == "W4A8KV4"  # absmax: names unchanged
     config = LlamaConfig(**SMALL)
@@ -158,7 +187,10 @@ def test_setting_names_config_and_errors():
                                                                 "w_bits 2-8"),
                             (dict(w_bits=32, w_quantizer="lsq"), "w_bits=32: learned scales need w_bits 2-8"),
                             (dict(w_bits=3, w_quantizer="seq"), "w_quantizer=seq with w_bits=3: SEQ is ParetoQ's "
-                                                                "2-bit grid; use w_bits 2")):
+                                                                "grid for 2 bits and ternary; use w_bits 2 or 0"),
+                            (dict(w_bits=0), r"w_bits=0 \(ternary\) with w_quantizer=absmax: .* add w_quantizer seq"),
+                            (dict(w_bits=0, w_quantizer="lsq"), "w_quantizer=lsq with w_bits=0: learned scales need"),
+                            (dict(a_bits=0), "a_bits=0 is not allowed")):
         with pytest.raises(InputError, match=message):
             QuantSetting(**{"a_bits": 8, "kv_bits": 8, "w_bits": 4, **kwargs})
 
@@ -181,7 +213,8 @@ def save(model, path):
 
 
 @pytest.mark.parametrize("setting", [QuantSetting(3, 8, 4, w_quantizer="lsq"),
-                                     QuantSetting(2, 16, 16, w_group_size=32, w_quantizer="seq")], ids=lambda s: s.name)
+                                     QuantSetting(2, 16, 16, w_group_size=32, w_quantizer="seq"),
+                                     QuantSetting(0, 8, 4, w_quantizer="seq")], ids=lambda s: s.name)
 def test_save_load_gives_identical_logits(tmp_path, setting):
     model = trained_like(setting)
     ids = torch.arange(3, 40).view(1, -1)
@@ -191,8 +224,9 @@ def test_save_load_gives_identical_logits(tmp_path, setting):
         loaded = load_model(tmp_path / "qat")
         assert torch.equal(loaded(ids).logits, reference)
         moved = loaded.model.layers[1].mlp.down_proj
-        assert not torch.equal(moved.quantized_weight(), quantize_weight(moved.weight, setting.w_bits,
-                                                                         group_size=setting.w_group_size))
+        bits, group = setting.w_bits, setting.w_group_size  # the moved ranges are used, not their start
+        start = initial_range(moved.weight, bits, setting.w_quantizer, group)
+        assert not torch.equal(moved.quantized_weight(), learned_quantize_weight(moved.weight, start, bits, None, group))
 
 
 def test_missing_ranges_are_one_clear_error(tmp_path):
@@ -206,7 +240,7 @@ def test_missing_ranges_are_one_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("setting", [QuantSetting(4, 8, 4, w_quantizer="lsq"), QuantSetting(3, 8, 8, w_quantizer="lsq"),
-                                     QuantSetting(2, 8, 4, w_quantizer="seq"),
+                                     QuantSetting(2, 8, 4, w_quantizer="seq"), QuantSetting(0, 8, 4, w_quantizer="seq"),
                                      QuantSetting(4, 8, 4, w_group_size=32, w_quantizer="lsq")], ids=lambda s: s.name)
 def test_export_packs_the_learned_grid_exactly(tmp_path, setting):
     qat = save(trained_like(setting), tmp_path / "qat")
@@ -261,6 +295,20 @@ def test_train_lsq_ranges_learn_loss_drops_and_resume_is_identical(tmp_path):
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     loaded = load_model(str(model_dir)).model.layers[0].mlp.down_proj
     assert torch.equal(loaded.weight_range, first[name + "_range"])
+
+
+@pytest.mark.slow
+def test_train_ternary_saves_ranges_and_a_three_level_grid(tmp_path):
+    """train.py --w_bits 0 --w_quantizer seq: the ternary student trains (loss drops), its ranges are saved, and it
+    reloads with every decoder weight on {-1, 0, 1} * a / 1.5."""
+    run_cli(train_cmd(tmp_path, "--w_bits", "0", "--w_quantizer", "seq", "--save_steps", "4"))
+    model_dir = tmp_path / "models" / "W0A16KV16-seq"
+    config = json.load(open(model_dir / "config.json"))
+    assert (config["w_bits"], config["w_quantizer"]) == (0, "seq")
+    losses = log_losses(tmp_path / "checkpoints" / "W0A16KV16-seq" / "checkpoint-4")
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    down = load_model(str(model_dir)).model.layers[0].mlp.down_proj
+    assert set(down.weight_grid().codes.unique().tolist()) == {-1, 0, 1}
 
 
 def kd_after(quantizer, steps, train, held, teacher):
@@ -330,5 +378,6 @@ def test_bad_quantizer_on_the_command_line_is_one_error_line(tmp_path):
     proc = run_cli([sys.executable, "train.py", "--w_bits", "3", "--w_quantizer", "seq", "--local_dir", str(tmp_path)],
                    check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
-        "error: w_quantizer=seq with w_bits=3: SEQ is ParetoQ's 2-bit grid; use w_bits 2 (lsq for 3-8 bits)")
+        "error: w_quantizer=seq with w_bits=3: SEQ is ParetoQ's grid for 2 bits and ternary; use w_bits 2 or 0 "
+        "(lsq for 3-8 bits)")
     assert list(tmp_path.iterdir()) == []

@@ -105,7 +105,7 @@ def test_load_fp_model_stays_fp(tmp_path):
 
 
 @pytest.mark.parametrize("bits,msg", [((4, 8, 9), "kv_bits=9 is not allowed; use 1-8, 16 or 32"),
-                                      ((0, 8, 8), "w_bits=0 is not allowed; use 1-8, 16 or 32"),
+                                      ((0, 8, 8), r"w_bits=0 \(ternary\) with w_quantizer=absmax"), ((-1, 8, 8), "w_bits=-1 is not allowed; use 1-8, 16 or 32"),
                                       ((4, 8, 1), "kv_bits=1 is not allowed"), ((4, 12, 8), "a_bits=12"),
                                       ((4.0, 8, 8), "w_bits=4.0")])
 def test_bad_bits_are_rejected_once_with_one_message(bits, msg):

@@ -34,7 +34,7 @@ from models.errors import InputError
 from models.io import atomic_dir
 from models.packed import PackedQuantizeLinear
 from models.quant_model import QuantSetting, load_exported, load_model, read_config, swap_linears
-from models.utils_quant import QuantizeLinear, zero_point
+from models.utils_quant import QuantizeLinear, has_codes, zero_point
 
 SAMPLE_TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
 MAX_LOGIT_DIFF = 1e-3
@@ -61,7 +61,7 @@ def check_input(model_dir, out_dir):
         raise InputError(f"{model_dir} is not a QAT checkpoint: its config.json has no w_bits/a_bits/kv_bits")
     if hasattr(config, "llmqat_export"):
         raise InputError(f"{model_dir} is already an exported checkpoint")
-    if not 0 <= config.w_bits <= 8:
+    if not has_codes(config.w_bits):
         raise InputError(f"w_bits={config.w_bits} in {model_dir}: only 1-8 bit and ternary (0) weights are exported")
     for name, files in (("weights", ("model.safetensors", "model.safetensors.index.json")),
                         ("tokenizer", ("tokenizer_config.json",))):

@@ -20,6 +20,8 @@ import re
 import numpy as np
 import torch
 
+from models.utils_quant import has_codes
+
 
 TENSOR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -45,7 +47,7 @@ def block_type(bits):
 def fits_blocks(linear):
     """Whether a QuantizeLinear's grid has one scale per block of 32 weights (else it is written as F32)."""
     group = linear.w_group_size
-    return 0 <= linear.w_bits <= 8 and linear.in_features % BLOCK == 0 and (not group or group % BLOCK == 0)
+    return has_codes(linear.w_bits) and linear.in_features % BLOCK == 0 and (not group or group % BLOCK == 0)
 
 
 def grid_blocks(grid):

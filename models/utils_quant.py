@@ -97,6 +97,11 @@ def ternary_codes(w, a):
     return torch.round(torch.clamp(w / a, -HALF_CLIP, HALF_CLIP) * TERNARY_STRETCH)
 
 
+def has_codes(bits):
+    """Whether a weight width has integer codes (exported, GGUF blocks): 1-8 bits and ternary."""
+    return 1 <= bits <= 8 or bits == TERNARY
+
+
 def storage_bits(bits):
     """Bits per stored code: the ternary codes {-1, 0, 1} take 2."""
     return 2 if bits == TERNARY else bits
@@ -137,7 +142,7 @@ def weight_grid(weight, bits, layerwise=False, group_size=None, weight_range=Non
     input columns; computed in fp32 with the same operations as the fake quantizer, so the codes are the QAT
     model's own roundings. weight_range: a learned range r ([out, 1] or [out, in / G], LearnedScaleQuant) instead
     of the one absmax computes from the weight."""
-    if not (1 <= bits <= 8 or bits == TERNARY):
+    if not has_codes(bits):
         raise ValueError(f"w_bits={bits}: only 1-8 bit and ternary (0) weights have integer codes")
     if bits == TERNARY and weight_range is None:
         raise ValueError("w_bits=0 (ternary) has no grid without a learned range (w_quantizer seq)")

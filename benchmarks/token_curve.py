@@ -86,24 +86,24 @@ def main(argv=None):
             work = args.work_dir or tmp
             profile = replace(TINY, real_texts={**TINY.real_texts, "real_modern": MODERN_TEXT})  # all three
             return curve_of(profile, smoke_settings(), args.blocks or [2, 4], work, Path(work) / "token_curve.json",
-                            full_rows=False, methods=args.methods, bits=args.bits)
+                            full_rows=False, methods=args.methods, bits=args.bits.label)
     s = dict(SMOLLM2.settings["full"])
     s["chosen_lr"] = json.loads((ROWS / "lr_choice.json").read_text())["lr"]
-    if QuantSetting.parse(args.bits).w_quantizer != "absmax":
+    bits = args.bits.label
+    if args.bits.w_quantizer != "absmax":
         s["chosen_range_lr"] = json.loads((ROWS / "range_lr_choice.json").read_text())["range_lr"]
-    out = OUT if args.bits == "4-8-4" else OUT.with_name(f"smollm2_token_curve_{args.bits}.json")
+    out = OUT if bits == "4-8-4" else OUT.with_name(f"smollm2_token_curve_{bits}.json")
     return curve_of(SMOLLM2, s, args.blocks or [150, 300, 1200],
                     args.work_dir or os.path.expanduser("~/.cache/llm-qat/reproduce_smollm2"), out, methods=args.methods,
-                    bits=args.bits)
+                    bits=bits)
 
 
 def setting_arg(text):
-    """--bits: a setting QuantSetting parses (W-A-KV, optionally -lsq / -seq), else argparse's one error line."""
+    """--bits: the setting QuantSetting parses (W-A-KV, optionally -lsq / -seq), else argparse's one error line."""
     try:
-        QuantSetting.parse(text)
+        return QuantSetting.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
-    return text
 
 
 def curve_of(profile, s, budgets, work, out, full_rows=True, methods=tuple(SOURCES), bits="4-8-4"):

@@ -53,10 +53,10 @@ class QuantSetting:
     w_quantizer: str = "absmax"  # the weight scale: absmax (the paper's), lsq or seq (learned; utils_quant)
 
     def __post_init__(self):
-        for field, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits), ("kv_bits", self.kv_bits)):
-            if type(bits) is int and field == "w_bits" and bits == TERNARY:
-                continue  # ternary weights: checked with the quantizer below
-            if type(bits) is not int or bits not in ALLOWED_BITS:
+        # ternary weights (w_bits 0) are checked with the quantizer below
+        for field, bits, allowed in (("w_bits", self.w_bits, (*ALLOWED_BITS, TERNARY)),
+                                     ("a_bits", self.a_bits, ALLOWED_BITS), ("kv_bits", self.kv_bits, ALLOWED_BITS)):
+            if type(bits) is not int or bits not in allowed:
                 raise InputError(f"{field}={bits} is not allowed; use {BITS_RULE}")
         if self.kv_bits == 1:
             raise InputError("kv_bits=1 is not allowed (symmetric 1-bit quantization has no nonzero level); "

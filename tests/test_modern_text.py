@@ -215,20 +215,32 @@ def test_quick_smollm2_shaped_reproduction_writes_the_new_columns(bpe_model_dir,
 
 def test_quick_learned_scale_row_tunes_its_range_lr_on_validation_text(bpe_model_dir, tmp_path, monkeypatch):
     """Issue 24's rows: a learned-scale row (bits ending -lsq) trains with w_quantizer lsq at a range learning rate
-    chosen on milton_valid (x0.1, x1, x10 the weights' chosen lr, at the first learned setting below 4 bits), kept
-    in range_lr_choice.json and in the row; the low-bit rows come after the paper's table in the run order."""
+    chosen on milton_valid (x0.01 to x10 the weights' chosen lr, at the first learned setting below 4 bits), kept
+    in range_lr_choice.json and in the row; a choice saved from a smaller grid trains only the new candidates; the
+    low-bit rows come after the paper's table in the run order."""
     from dataclasses import replace
     import utils.reproduce as rp
     monkeypatch.setitem(rp.PROFILES, "smollm2", replace(rp.SMOLLM2, model=str(bpe_model_dir)))
     out, work = tmp_path / "out", tmp_path / "work"
     settings = json.dumps({"start_ids": [0, 320, 40], "gen_length": 24, "blocks": 4, "tune_blocks": 2,
                            "eval_windows": 2, "limit": 4, "save_steps": 0})
+    lr, kept = 1e-4, out / "smollm2_table_rows"
+    kept.mkdir(parents=True)  # an earlier session's choices: the lr, and the range lr's grid without x0.01
+    (kept / "lr_choice.json").write_text(json.dumps({"tried": {"2e-05": 9.0, "0.0001": 8.0}, "blocks": 2, "lr": lr,
+                                                     "text": "milton_valid"}))
+    earlier = {f"{lr * 0.1:g}": 1.5, f"{lr:g}": 2.0, f"{lr * 10:g}": 3.0}
+    (kept / "range_lr_choice.json").write_text(json.dumps({"tried": earlier, "blocks": 2, "range_lr": lr * 0.1,
+                                                           "text": "milton_valid", "bits": "3-16-16-lsq"}))
     rp.main(["--model", "smollm2", "--quick", "--settings", settings, "--out_dir", str(out), "--work_dir", str(work),
              "--rows", "LLM-QAT_3-16-16-lsq"])
-    lr = json.load(open(out / "smollm2_table_rows" / "lr_choice.json"))["lr"]
-    choice = json.load(open(out / "smollm2_table_rows" / "range_lr_choice.json"))
+    choice = json.load(open(kept / "range_lr_choice.json"))
     assert choice["bits"] == "3-16-16-lsq" and choice["text"] == "milton_valid"
-    assert sorted(float(k) for k in choice["tried"]) == pytest.approx([lr * 0.1, lr, lr * 10])
+    assert sorted(float(k) for k in choice["tried"]) == pytest.approx([lr * 0.01, lr * 0.1, lr, lr * 10])
+    assert {k: choice["tried"][k] for k in earlier} == earlier  # kept, not retrained
+    tuned = sorted(p.name for p in (work / "models").iterdir() if p.name.startswith("tune_"))
+    assert tuned == [f"tune_LLM-QAT_3-16-16-lsq_lr{lr:g}_rangelr{lr * 0.01:g}"], tuned
+    new = choice["tried"][f"{lr * 0.01:g}"]
+    assert choice["range_lr"] == pytest.approx(lr * 0.1 if new > 1.5 else lr * 0.01)  # the lowest ppl wins
     (row,) = json.load(open(out / "smollm2_table.json"))
     assert row["bits"] == "3-16-16-lsq" and row["w_range_lr"] == choice["range_lr"]
     config = json.load(open(work / "models" / f"LLM-QAT_3-16-16-lsq_lr{lr:g}" / "config.json"))

@@ -333,15 +333,18 @@ def row_result(row, s, work, profile=TINY, keep_dir=None):
 def tune(s, work, profile, keep_dir, key, bits, candidates, **fixed):
     """One training hyperparameter (key: lr or range_lr), chosen on the validation text (milton_valid) only: LLM-QAT
     at bits for tune_blocks blocks with each candidate; the lowest validation perplexity wins. Kept in
-    <key>_choice.json beside the rows."""
+    <key>_choice.json beside the rows; a grid that grew trains only its new candidates."""
     path = os.path.join(keep_dir or os.path.join(work, "rows"), f"{key}_choice.json")
+    tried = {}
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            choice = json.load(f)
+        if all(f"{value:g}" in choice["tried"] for value in candidates):
+            return choice
+        tried = choice["tried"]
     data = generated_text("hybrid", s, work, profile)
     short = {**s, "blocks": s["tune_blocks"], "save_steps": None}
-    tried = {}
-    for value in candidates:
+    for value in (v for v in candidates if f"{v:g}" not in tried):
         model, _ = train("tune_LLM-QAT", bits, data, short, work, profile, **{**fixed, key: value})
         r = evaluate(model, ppl_data=[str(DATA / "milton_valid.jsonl")], seq_len=256, dtype=profile.eval_dtype,
                      max_windows=s["eval_windows"] or None)
@@ -362,9 +365,10 @@ def choose_lr(s, work, profile, keep_dir):
 
 def choose_range_lr(s, work, profile, keep_dir):
     """The learned ranges' learning rate (--w_range_lr) of every learned-scale row: tuned at the first learned
-    setting below 4 bits (the weights' learning rate fixed at the chosen one), candidates x0.1, x1, x10 of it."""
+    setting below 4 bits (the weights' learning rate fixed at the chosen one), candidates x0.01 to x10 of it (x0.01
+    added after x0.1 won the first grid)."""
     bits = next(b for b in profile.learned_bits if QuantSetting.parse(b).w_bits < 4)
-    return tune(s, work, profile, keep_dir, "range_lr", bits, [s["chosen_lr"] * f for f in (0.1, 1, 10)],
+    return tune(s, work, profile, keep_dir, "range_lr", bits, [s["chosen_lr"] * f for f in (0.01, 0.1, 1, 10)],
                 lr=s["chosen_lr"])
 
 

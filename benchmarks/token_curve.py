@@ -81,15 +81,15 @@ def main(argv=None):
                    "(default: 4-8-4, the curve of the table's central setting)")
     p.add_argument("--smoke", action="store_true", help="the embedded model, tiny budgets, seconds (the test)")
     args = p.parse_args(argv)
+    bits = args.bits.label
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
             work = args.work_dir or tmp
             profile = replace(TINY, real_texts={**TINY.real_texts, "real_modern": MODERN_TEXT})  # all three
             return curve_of(profile, smoke_settings(), args.blocks or [2, 4], work, Path(work) / "token_curve.json",
-                            full_rows=False, methods=args.methods, bits=args.bits.label)
+                            full_rows=False, methods=args.methods, bits=bits)
     s = dict(SMOLLM2.settings["full"])
     s["chosen_lr"] = json.loads((ROWS / "lr_choice.json").read_text())["lr"]
-    bits = args.bits.label
     if args.bits.w_quantizer != "absmax":
         s["chosen_range_lr"] = json.loads((ROWS / "range_lr_choice.json").read_text())["range_lr"]
     out = OUT if bits == "4-8-4" else OUT.with_name(f"smollm2_token_curve_{bits}.json")

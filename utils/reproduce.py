@@ -335,16 +335,17 @@ def tune(s, work, profile, keep_dir, key, bits, candidates, **fixed):
     at bits for tune_blocks blocks with each candidate; the lowest validation perplexity wins. Kept in
     <key>_choice.json beside the rows; a grid that grew trains only its new candidates."""
     path = os.path.join(keep_dir or os.path.join(work, "rows"), f"{key}_choice.json")
-    tried = {}
+    choice = {"tried": {}}
     if os.path.exists(path):
         with open(path) as f:
             choice = json.load(f)
-        if all(f"{value:g}" in choice["tried"] for value in candidates):
-            return choice
-        tried = choice["tried"]
+    tried = choice["tried"]
+    todo = [value for value in candidates if f"{value:g}" not in tried]
+    if not todo:
+        return choice
     data = generated_text("hybrid", s, work, profile)
     short = {**s, "blocks": s["tune_blocks"], "save_steps": None}
-    for value in (v for v in candidates if f"{v:g}" not in tried):
+    for value in todo:
         model, _ = train("tune_LLM-QAT", bits, data, short, work, profile, **{**fixed, key: value})
         r = evaluate(model, ppl_data=[str(DATA / "milton_valid.jsonl")], seq_len=256, dtype=profile.eval_dtype,
                      max_windows=s["eval_windows"] or None)

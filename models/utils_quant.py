@@ -197,8 +197,8 @@ def sym_quant(x, num_bits, clip_val=CLIP_VAL, layerwise=False, out_dtype=None):
         mask = _ste_mask(x, clip_val)
     elif x.device.type == "cpu" and bool((absmax < hi).all()):
         mask = None  # nothing clipped (|w| < 2 for weights), known from the row maxima: no mask pass at all
-    else:
-        mask = a < hi  # |x| < c: one pass instead of three
+    else:  # |x| < c in one pass (not three), written as uint8 (a bool output is ~1.5x slower on CPUs), kept as bool
+        mask = torch.lt(a, hi, out=torch.empty_like(a, dtype=torch.uint8)).view(torch.bool)
     s = sym_scale(absmax, num_bits)
     q = torch.mul(xf, s, out=a).round_().div_(s + EPS)  # sym_dequant in |x|'s buffer: no new temporaries
     return q.to(out_dtype or x.dtype), mask
@@ -474,8 +474,9 @@ class QuantizeLinear(nn.Linear):
         # Under autocast F.linear would cast both operands: quantize straight into the compute dtype instead.
         device = input.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        weight = self.quantized_weight(dtype)
+        # the input first: the weight is then freshly written, still in cache, when the matmul reads it
         input = quantize_act(input, self.a_bits, self.symmetric, self.act_layerwise, dtype, self.shared_input)
+        weight = self.quantized_weight(dtype)
         out = F.linear(input, weight, self.bias)
         if self.out_bits < 32:
             out = SymQuantizer.apply(out, CLIP_VAL, self.out_bits, False)

@@ -11,10 +11,13 @@ matmul rate at their own shapes and thread count.
     forward + backward, teacher forward), the achieved rate, its share of the measured bf16 rate at the step's
     GEMM shapes, and a torch.profiler breakdown of one bf16 QAT step by kind (matmul, attention, quantizers,
     casts, KD loss, optimizer, other). The last line of the output: `step_gemm_fraction <x>`.
+    --paired: the bf16 QAT run alternates quantized steps with unquantized ones (its linears at 32 bits),
+    so QAT over unquantized KD is also measured step beside step, on the machine in the same state.
 
 step_gemm_fraction = (time the step's matmuls take alone at the measured bf16 rate) / (bf16 QAT step time).
 
     python benchmarks/roofline.py [--model smollm2] [--threads 2] [--parts gen,step] [--steps 4] [--rounds 3]
+                                  [--paired]
     python benchmarks/roofline.py --model assets/tiny_llama --steps 2 --rounds 1 --gen_ids 8   # the suite's smoke run
 """
 import argparse
@@ -34,6 +37,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.allocator import tune_cpu_allocator  # noqa: E402
 from models import utils_quant  # noqa: E402
+from models.utils_quant import QuantizeLinear  # noqa: E402
 from models.quant_model import read_config  # noqa: E402
 from utils import kd_trainer  # noqa: E402
 from utils.model_zoo import resolve_model  # noqa: E402
@@ -55,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="rounds of the three step variants (medians over all)")
     p.add_argument("--data", default=str(DATA / "shakespeare_train.jsonl"))
     p.add_argument("--optim", default=None, help="--optim of the training runs (default: train.py's)")
+    p.add_argument("--paired", action="store_true",
+                   help="the bf16 QAT run alternates quantized and unquantized steps (twice the steps): QAT over "
+                        "unquantized KD measured step beside step")
     p.add_argument("--compile_layers", action="store_true", help="train.py --compile_layers in every step variant")
     p.add_argument("--gen_ids", type=int, default=86, help="start ids generated (x3 prefix lengths: 258 sequences, "
                    "so that the default batch is the table's, 256)")
@@ -274,11 +281,42 @@ def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4,
     return timer
 
 
-def train_step(args, path, tmp, name, setting, bf16, profile_step=None):
-    """The seconds of each training step after 2 warm-ups, and the profiler of one if asked."""
-    timer = timed_training(path, args.data, tmp, name, setting, bf16, args.steps + 2 + bool(profile_step),
-                           args.batch, args.seq, args.optim, profile_step, args.compile_layers)
-    return timer.times[2:2 + args.steps], timer.prof  # the profiled step (the last) is not timed
+class PairedTimer(StepTimer):
+    """Every other step of the QAT run unquantized: its QuantizeLinear modules set to 32 bits (no quantizer runs; the
+    weights go through autocast's cast as nn.Linear's do), with the same model, data, teacher and optimizer, so each
+    QAT step is timed beside an unquantized one on the machine in the same state (these machines drift by tens of
+    percent within minutes: separate runs cannot resolve a 10% difference). times: the QAT steps', unquantized: the
+    others'."""
+
+    def __init__(self, profile_step=None, compiled=False):
+        super().__init__(profile_step, compiled)
+        self.unquantized, self.bits, self.off = [], None, False
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        linears = [m for m in model.modules() if isinstance(m, QuantizeLinear)]
+        if self.bits is None:
+            self.bits = [(m.w_bits, m.a_bits, m.out_bits) for m in linears]
+        self.off = state.global_step % 2 == 1 and state.global_step + 1 != self.profile_step
+        for m, bits in zip(linears, self.bits):
+            m.w_bits, m.a_bits, m.out_bits = (32, 32, 32) if self.off else bits
+        super().on_step_begin(args, state, control, model=model, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if self.off:
+            self.unquantized.append(self.times.pop())
+
+
+def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=False):
+    """The seconds of each training step after 2 warm-ups, and the profiler of one if asked; paired: every other
+    step unquantized (PairedTimer), whose seconds come third."""
+    steps = args.steps * (2 if paired else 1)
+    timer = (PairedTimer if paired else StepTimer)(profile_step and profile_step + steps - args.steps,
+                                                   args.compile_layers)
+    timed_training(path, args.data, tmp, name, setting, bf16, steps + 2 + bool(profile_step), args.batch, args.seq,
+                   args.optim, timer.profile_step, args.compile_layers, timer)
+    warm = 1 if paired else 2  # 2 warm-up steps: one of each kind when paired
+    return timer.times[warm:warm + args.steps], timer.prof, getattr(timer, "unquantized", [])[warm:warm + args.steps]
 
 
 def step(args, path):
@@ -294,8 +332,11 @@ def step(args, path):
         for r in range(args.rounds):
             for name, setting, bf16 in variants if r % 2 == 0 else variants[::-1]:
                 profile = args.steps + 3 if name == "qat_bf16" else None  # one profiled step per round
-                t, p = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile)
+                paired = args.paired and name == "qat_bf16"
+                t, p, unquantized = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile, paired)
                 times[name] += t
+                if unquantized:
+                    times["kd_bf16_paired"] += unquantized
                 if p is not None:
                     profiles.append(breakdown(p))
             for dtype in (torch.bfloat16, torch.float32):
@@ -309,6 +350,9 @@ def step(args, path):
           f"fp32 {flops / g[torch.float32] / 1e9:.0f} GFLOP/s ({g[torch.float32] / g[torch.bfloat16]:.2f}x)")
     print(f"  median step: QAT bf16 {t['qat_bf16']:.3f} s, QAT fp32 {t['qat_fp32']:.3f} s, unquantized KD bf16 "
           f"{t['kd_bf16']:.3f} s")
+    if args.paired:
+        print(f"  paired in one run, every other step unquantized: QAT bf16 {t['qat_bf16']:.3f} s, unquantized "
+              f"{t['kd_bf16_paired']:.3f} s: qat_over_kd_step_paired {t['qat_bf16'] / t['kd_bf16_paired']:.3f}")
     print(f"  step matmuls {flops / 1e12:.3f} TFLOP: achieved {flops / t['qat_bf16'] / 1e9:.0f} GFLOP/s in bf16, "
           f"{flops / t['qat_fp32'] / 1e9:.0f} GFLOP/s in fp32")
     # per kind, the median over the rounds' profiled steps (a stalled core doubles one step's every figure)

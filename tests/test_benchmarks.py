@@ -240,12 +240,43 @@ def test_llama_cpp_check_ours_only(tmp_path):
 
 @pytest.mark.slow
 def test_roofline():
-    """benchmarks/roofline.py's own smoke run (its docstring's second command)."""
-    out = lines(bench("roofline.py", "--model", TINY_MODEL, "--steps", 2, "--rounds", 1, "--gen_ids", 8))
+    """benchmarks/roofline.py's own smoke run (its docstring's second command), with the QAT run paired."""
+    out = lines(bench("roofline.py", "--model", TINY_MODEL, "--steps", 2, "--rounds", 1, "--gen_ids", 8, "--paired"))
     assert any(re.fullmatch(r"    quantizers +\d+\.\d{3} s +\d+\.\d%", line) for line in out), out  # the breakdown
+    paired = next(line for line in out if "every other step unquantized" in line)
+    positive(*fields(r".*QAT bf16 (\d+\.\d{3}) s, unquantized (\d+\.\d{3}) s: qat_over_kd_step_paired (\d+\.\d{3})",
+                     paired))
     positive(*fields(r"bf16_over_fp32_speedup (\d+\.\d{2})", next(line for line in out if line.startswith("bf16_over"))))
     positive(*fields(r"gen_gemm_fraction (\d+\.\d+)", next(line for line in out if line.startswith("gen_gemm"))))
     positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
+
+
+def test_roofline_paired_timer_runs_every_other_step_unquantized(monkeypatch):
+    """PairedTimer: odd steps with every linear at 32 bits (no quantizer call at all), even steps and the profiled
+    one with the run's own bits, restored as they were."""
+    import types
+
+    from models import utils_quant
+    from models.quant_model import QuantSetting, load_model
+    from utils.constants import EMBEDDED_MODEL
+    roofline = load("roofline.py")
+    model = QuantSetting(4, 8, 4).apply(load_model(EMBEDDED_MODEL))
+    calls = []
+    real = utils_quant.sym_quant
+    monkeypatch.setattr(utils_quant, "sym_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    timer, ids = roofline.PairedTimer(profile_step=4), torch.randint(0, 100, (1, 8))
+    quantized = []
+    for step in range(4):
+        calls.clear()
+        timer.on_step_begin(None, types.SimpleNamespace(global_step=step), None, model=model)
+        with torch.no_grad():
+            model(input_ids=ids)
+        timer.on_step_end(None, types.SimpleNamespace(global_step=step + 1), None)
+        quantized.append(len(calls) > 0)
+    assert quantized == [True, False, True, True]  # step 4 is the profiled one: quantized
+    assert len(timer.times) == 3 and len(timer.unquantized) == 1
+    q = model.model.layers[0].self_attn.k_proj
+    assert (q.w_bits, q.a_bits, q.out_bits) == (4, 8, 4)
 
 
 @pytest.mark.slow

@@ -311,6 +311,7 @@ def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=F
     """The seconds of each training step after 2 warm-ups, and the profiler of one if asked; paired: every other
     step unquantized (PairedTimer), whose seconds come third."""
     steps = args.steps * (2 if paired else 1)
+    # the profiled step stays the last one (after the timed steps)
     timer = (PairedTimer if paired else StepTimer)(profile_step and profile_step + steps - args.steps,
                                                    args.compile_layers)
     timed_training(path, args.data, tmp, name, setting, bf16, steps + 2 + bool(profile_step), args.batch, args.seq,

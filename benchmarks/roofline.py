@@ -354,6 +354,8 @@ def step(args, path):
     if args.paired:
         print(f"  paired in one run, every other step unquantized: QAT bf16 {t['qat_bf16']:.3f} s, unquantized "
               f"{t['kd_bf16_paired']:.3f} s: qat_over_kd_step_paired {t['qat_bf16'] / t['kd_bf16_paired']:.3f}")
+        pairs = zip(times["qat_bf16"], times["kd_bf16_paired"])
+        print("  the pairs in order (QAT / unquantized, s): " + ", ".join(f"{q:.2f}/{u:.2f}" for q, u in pairs))
     print(f"  step matmuls {flops / 1e12:.3f} TFLOP: achieved {flops / t['qat_bf16'] / 1e9:.0f} GFLOP/s in bf16, "
           f"{flops / t['qat_fp32'] / 1e9:.0f} GFLOP/s in fp32")
     # per kind, the median over the rounds' profiled steps (a stalled core doubles one step's every figure)

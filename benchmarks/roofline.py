@@ -317,7 +317,8 @@ def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=F
     timed_training(path, args.data, tmp, name, setting, bf16, steps + 2 + bool(profile_step), args.batch, args.seq,
                    args.optim, timer.profile_step, args.compile_layers, timer)
     warm = 1 if paired else 2  # 2 warm-up steps: one of each kind when paired
-    return timer.times[warm:warm + args.steps], timer.prof, getattr(timer, "unquantized", [])[warm:warm + args.steps]
+    unquantized = timer.unquantized[warm:warm + args.steps] if paired else []
+    return timer.times[warm:warm + args.steps], timer.prof, unquantized
 
 
 def step(args, path):

@@ -256,10 +256,11 @@ class StepTimer(TrainerCallback):
 
 
 def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4, seq=256, optim=None,
-                   profile_step=None, compile_layers=False, timer=None):
-    """A QAT+KD training run through the real Trainer (lr 1e-4, seed 0, nothing saved but the student), with
+                   profile_step=None, compile_layers=False, timer=None, seed=0):
+    """A QAT+KD training run through the real Trainer (lr 1e-4, nothing saved but the student), with
     a StepTimer: its per-step seconds, and the profiler of step `profile_step` if asked. setting "W-A-KV", or
-    None for the unquantized KD run; timer: a StepTimer of the caller's (a subclass that records more).
+    None for the unquantized KD run; timer: a StepTimer of the caller's (a subclass that records more); seed: the
+    Trainer's (the order of the training blocks).
     Shared with bench_bf16.py and bench_allocator.py."""
     from utils.process_args import process_args
     from utils.train_qat import run
@@ -272,7 +273,7 @@ def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4,
             "--max_steps", str(max_steps), "--learning_rate", "1e-4", "--save_strategy", "no",
             "--report_to", "none", "--use_cpu", str(not torch.cuda.is_available()), "--bf16", str(bf16),
             "--log_level", "warning", "--logging_strategy", "no", "--disable_tqdm", "True",
-            "--dataloader_pin_memory", "False", "--seed", "0"]
+            "--dataloader_pin_memory", "False", "--seed", str(seed)]
     if optim:
         argv += ["--optim", optim]
     if compile_layers:

@@ -60,11 +60,26 @@ def load(name):
 
 @pytest.mark.slow
 def test_bench_bf16():
-    out = lines(bench("bench_bf16.py", "--model", TINY_MODEL, "--steps", 3, "--max_windows", 4))
-    for name, line in zip(("fp32", "bf16"), out[-4:-2]):
-        positive(*fields(name + r": median step " + NUM + r" s, validation ppl " + NUM + r" after 3 steps", line))
-    assert math.isfinite(fields(r"ppl_rel_diff " + NUM, out[-2])[0]) and re.fullmatch(r"ppl_rel_diff [-+]\d\.\d{4}",
-                                                                                      out[-2])
+    out = lines(bench("bench_bf16.py", "--model", TINY_MODEL, "--steps", 3, "--max_windows", 4, "--seeds", 0, 1,
+                      "--grad_check"))
+    checks = [line for line in out if line.startswith("grad_check ")]
+    assert len(checks) == 3 and checks[0].startswith("grad_check bf16: ")
+    for line in checks:  # bf16 and two perturbed fp32 steps: near the fp32 step's gradient, not equal to it
+        loss, loss0, cos, rel = fields(r"grad_check [^:]+: kd loss " + NUM + r" \(fp32 " + NUM + r"\), gradient cosine "
+                                       + NUM + r", relative error " + NUM, line)
+        positive(loss, loss0)
+        assert 0.5 < cos < 1 and 0 < rel < 1
+    seeds = [line for line in out if line.startswith("seed ")]
+    assert len(seeds) == 2
+    for seed, line in zip((0, 1), seeds):
+        fp32, bf16, diff = fields(rf"seed {seed}: validation ppl fp32 {NUM}, bf16 {NUM} \(([-+]\d\.\d{{4}})\)", line)
+        positive(fp32, bf16)
+        assert abs(bf16 / fp32 - 1 - diff) < 1e-4
+    for name, line in zip(("fp32", "bf16"), out[-5:-3]):
+        positive(*fields(name + r": median step " + NUM + r" s, validation ppl " + NUM
+                         + r" after 3 steps \(mean of 2 seeds\)", line))
+    assert fields(r"ppl_pair_sd " + NUM, out[-3])[0] >= 0
+    assert re.fullmatch(r"ppl_rel_diff [-+]\d\.\d{4}", out[-2])
     positive(*fields(r"bf16_step_speedup (\d+\.\d{2})", out[-1]))
 
 

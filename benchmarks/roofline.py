@@ -12,7 +12,8 @@ matmul rate at their own shapes and thread count.
     GEMM shapes, and a torch.profiler breakdown of one bf16 QAT step by kind (matmul, attention, quantizers,
     casts, KD loss, optimizer, other). The last line of the output: `step_gemm_fraction <x>`.
     --paired: the bf16 QAT run alternates quantized steps with unquantized ones (its linears at 32 bits),
-    so QAT over unquantized KD is also measured step beside step, on the machine in the same state.
+    so QAT over unquantized KD is also measured step beside step, on the machine in the same state; with the
+    median of the pairs' own ratios and a distribution-free 90% interval for it (order statistics).
 
 step_gemm_fraction = (time the step's matmuls take alone at the measured bf16 rate) / (bf16 QAT step time).
 
@@ -24,6 +25,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import math
 import os
 import statistics
 import sys
@@ -308,6 +310,20 @@ class PairedTimer(StepTimer):
             self.unquantized.append(self.times.pop())
 
 
+def median_interval(values, confidence=0.9):
+    """(low, high, coverage): a distribution-free interval for the median of `values` (order statistics: the true
+    median lies between the k-th smallest and the k-th largest value with probability coverage = 1 - 2 P(B < k),
+    B ~ Binomial(n, 1/2), the largest k with coverage >= confidence), or None with too few values for it."""
+    x, n = sorted(values), len(values)
+    tail, k = 0.0, 0  # tail = P(B < k)
+    while k < n // 2:
+        nxt = tail + math.comb(n, k) / 2 ** n
+        if 1 - 2 * nxt < confidence:
+            break
+        tail, k = nxt, k + 1
+    return (x[k - 1], x[n - k], 1 - 2 * tail) if k else None
+
+
 def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=False):
     """The seconds of each training step after 2 warm-ups, and the profiler of one if asked; paired: every other
     step unquantized (PairedTimer), whose seconds come third."""
@@ -356,8 +372,13 @@ def step(args, path):
     if args.paired:
         print(f"  paired in one run, every other step unquantized: QAT bf16 {t['qat_bf16']:.3f} s, unquantized "
               f"{t['kd_bf16_paired']:.3f} s: qat_over_kd_step_paired {t['qat_bf16'] / t['kd_bf16_paired']:.3f}")
-        pairs = zip(times["qat_bf16"], times["kd_bf16_paired"])
+        pairs = list(zip(times["qat_bf16"], times["kd_bf16_paired"]))
         print("  the pairs in order (QAT / unquantized, s): " + ", ".join(f"{q:.2f}/{u:.2f}" for q, u in pairs))
+        ratios = [q / u for q, u in pairs]
+        interval = median_interval(ratios)
+        print(f"  the pairs' own ratios: median {statistics.median(ratios):.3f}, " + (
+            f"{interval[2]:.0%} interval of the median [{interval[0]:.3f}, {interval[1]:.3f}] over {len(ratios)} pairs"
+            if interval else f"{len(ratios)} pairs (an interval of the median needs 5+)"))
     print(f"  step matmuls {flops / 1e12:.3f} TFLOP: achieved {flops / t['qat_bf16'] / 1e9:.0f} GFLOP/s in bf16, "
           f"{flops / t['qat_fp32'] / 1e9:.0f} GFLOP/s in fp32")
     # per kind, the median over the rounds' profiled steps (a stalled core doubles one step's every figure)

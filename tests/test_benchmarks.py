@@ -261,9 +261,24 @@ def test_roofline():
     paired = next(line for line in out if "every other step unquantized" in line)
     positive(*fields(r".*QAT bf16 (\d+\.\d{3}) s, unquantized (\d+\.\d{3}) s: qat_over_kd_step_paired (\d+\.\d{3})",
                      paired))
+    ratios = next(line for line in out if "the pairs' own ratios" in line)  # 2 pairs: no interval
+    positive(*fields(r"  the pairs' own ratios: median (\d+\.\d{3}), 2 pairs \(an interval of the median needs 5\+\)",
+                     ratios))
     positive(*fields(r"bf16_over_fp32_speedup (\d+\.\d{2})", next(line for line in out if line.startswith("bf16_over"))))
     positive(*fields(r"gen_gemm_fraction (\d+\.\d+)", next(line for line in out if line.startswith("gen_gemm"))))
     positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
+
+
+def test_roofline_median_interval():
+    """The order-statistics interval: n = 12 gives the 3rd smallest and 3rd largest value, coverage 1 - 2 x 79/4096;
+    too few values give none; the interval always holds the sample median."""
+    median_interval = load("roofline.py").median_interval
+    values = [1.0 + 0.1 * i for i in (7, 2, 11, 0, 5, 9, 1, 3, 10, 4, 8, 6)]  # 1.0 .. 2.1, shuffled
+    low, high, coverage = median_interval(values)
+    assert (round(low, 6), round(high, 6)) == (1.2, 1.9) and coverage == 1 - 2 * 79 / 4096  # P(B <= 2) = 79/4096
+    assert median_interval(values, confidence=0.99)[:2] == (min(values) + 0.1, max(values) - 0.1)  # k = 2: 0.9937
+    assert median_interval([1.0, 2.0, 3.0, 4.0]) is None  # coverage 1 - 2/16 = 0.875 < 0.9 even at k = 1
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0])[:2] == (1.0, 5.0)  # n = 5: k = 1, coverage 0.9375
 
 
 def test_roofline_paired_timer_runs_every_other_step_unquantized(monkeypatch):

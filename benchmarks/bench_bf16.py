@@ -86,9 +86,6 @@ def grad_check(path, data, batch=4, seq=256, perturbed=(1, 2)):
             for p, w in zip(params, saved):
                 p.copy_(w * (1 + PERTURBATION * torch.randn(w.shape, generator=gen)))
         compare(f"fp32, weights x (1 + 2^-12 N(0,1)), seed {seed}", *step(False))
-    with torch.no_grad():
-        for p, w in zip(params, saved):
-            p.copy_(w)
     return results
 
 

@@ -14,11 +14,13 @@ matmul rate at their own shapes and thread count.
     --paired: the bf16 QAT run alternates quantized steps with unquantized ones (its linears at 32 bits),
     so QAT over unquantized KD is also measured step beside step, on the machine in the same state; with the
     median of the pairs' own ratios and a distribution-free 90% interval for it (order statistics).
+    --paired_precision: likewise the fp32 QAT run alternates fp32 steps with bf16 ones (bf16 autocast and a bf16
+    teacher, as --bf16 trains), so bf16 over fp32 is measured step beside step.
 
 step_gemm_fraction = (time the step's matmuls take alone at the measured bf16 rate) / (bf16 QAT step time).
 
     python benchmarks/roofline.py [--model smollm2] [--threads 2] [--parts gen,step] [--steps 4] [--rounds 3]
-                                  [--paired]
+                                  [--paired] [--paired_precision]
     python benchmarks/roofline.py --model assets/tiny_llama --steps 2 --rounds 1 --gen_ids 8   # the suite's smoke run
 """
 import argparse
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.allocator import tune_cpu_allocator  # noqa: E402
 from models import utils_quant  # noqa: E402
 from models.utils_quant import QuantizeLinear  # noqa: E402
-from models.quant_model import read_config  # noqa: E402
+from models.quant_model import load_model, read_config  # noqa: E402
 from utils import kd_trainer  # noqa: E402
 from utils.model_zoo import resolve_model  # noqa: E402
 
@@ -64,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--paired", action="store_true",
                    help="the bf16 QAT run alternates quantized and unquantized steps (twice the steps): QAT over "
                         "unquantized KD measured step beside step")
+    p.add_argument("--paired_precision", action="store_true",
+                   help="the fp32 QAT run alternates fp32 and bf16 steps (a bf16 teacher beside the fp32 one; twice "
+                        "the steps): bf16 over fp32 measured step beside step")
     p.add_argument("--compile_layers", action="store_true", help="train.py --compile_layers in every step variant")
     p.add_argument("--gen_ids", type=int, default=86, help="start ids generated (x3 prefix lengths: 258 sequences, "
                    "so that the default batch is the table's, 256)")
@@ -310,6 +315,56 @@ class PairedTimer(StepTimer):
             self.unquantized.append(self.times.pop())
 
 
+class PrecisionPairedTimer(StepTimer):
+    """Every other step of the fp32 QAT run in bf16 (the student under bf16 autocast, a bf16 teacher beside the fp32
+    one): the bf16 step timed beside the fp32 step on the machine in the same state. Used with
+    alternating_precision(), which makes the trainer follow `bf16`. times: the fp32 steps', other: the bf16 steps'."""
+
+    def __init__(self, profile_step=None, compiled=False):
+        super().__init__(profile_step, compiled)
+        self.other, self.bf16 = [], False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.bf16 = state.global_step % 2 == 1 and state.global_step + 1 != self.profile_step
+        super().on_step_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if self.bf16:
+            self.other.append(self.times.pop())
+
+
+@contextlib.contextmanager
+def alternating_precision(timer, path, compiled):
+    """While open, KDTrainer steps in bf16 whenever timer.bf16: bf16 autocast around the loss (as --bf16 gives) and
+    the KD teacher swapped for a bf16 one, loaded as train.py loads it (compiled like it under --compile_layers)."""
+    from utils import precision
+    trainer_cls = kd_trainer.KDTrainer
+    autocast, compute_loss = trainer_cls.autocast_smart_context_manager, trainer_cls.compute_loss
+    teachers = {}
+
+    def paired_autocast(self, cache_enabled=True):
+        return torch.autocast(self.args.device.type, dtype=torch.bfloat16) if timer.bf16 else autocast(self)
+
+    def paired_loss(self, model, inputs, *args, **kwargs):
+        if self.teacher is not None:
+            if not teachers:
+                teachers[False] = self.teacher
+                teachers[True] = load_model(path, dtype=torch.bfloat16, **precision.model_kwargs(self.args)).eval()
+                teachers[True].requires_grad_(False)
+                if compiled:
+                    kd_trainer.compile_layers([teachers[True]], backend=self.args.torch_compile_backend or "inductor",
+                                              mode=self.args.torch_compile_mode)
+            self.teacher = teachers[timer.bf16]
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    trainer_cls.autocast_smart_context_manager, trainer_cls.compute_loss = paired_autocast, paired_loss
+    try:
+        yield
+    finally:
+        trainer_cls.autocast_smart_context_manager, trainer_cls.compute_loss = autocast, compute_loss
+
+
 def median_interval(values, confidence=0.9):
     """(low, high, coverage): a distribution-free interval for the median of `values` (order statistics: the true
     median lies between the k-th smallest and the k-th largest value with probability coverage = 1 - 2 P(B < k),
@@ -324,18 +379,31 @@ def median_interval(values, confidence=0.9):
     return (x[k - 1], x[n - k], 1 - 2 * tail) if k else None
 
 
-def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=False):
-    """The seconds of each training step after 2 warm-ups, and the profiler of one if asked; paired: every other
-    step unquantized (PairedTimer), whose seconds come third."""
+def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=None):
+    """The seconds of each training step after 2 warm-ups, and the profiler of one if asked; paired "quant": every
+    other step unquantized (PairedTimer), "precision": every other step in bf16 (PrecisionPairedTimer), whose
+    seconds come third."""
     steps = args.steps * (2 if paired else 1)
     # the profiled step stays the last one (after the timed steps)
-    timer = (PairedTimer if paired else StepTimer)(profile_step and profile_step + steps - args.steps,
-                                                   args.compile_layers)
-    timed_training(path, args.data, tmp, name, setting, bf16, steps + 2 + bool(profile_step), args.batch, args.seq,
-                   args.optim, timer.profile_step, args.compile_layers, timer)
+    timer_cls = {None: StepTimer, "quant": PairedTimer, "precision": PrecisionPairedTimer}[paired]
+    timer = timer_cls(profile_step and profile_step + steps - args.steps, args.compile_layers)
+    with alternating_precision(timer, path, args.compile_layers) if paired == "precision" else contextlib.nullcontext():
+        timed_training(path, args.data, tmp, name, setting, bf16, steps + 2 + bool(profile_step), args.batch,
+                       args.seq, args.optim, timer.profile_step, args.compile_layers, timer)
     warm = 1 if paired else 2  # 2 warm-up steps: one of each kind when paired
-    unquantized = timer.unquantized[warm:warm + args.steps] if paired else []
-    return timer.times[warm:warm + args.steps], timer.prof, unquantized
+    other = timer.unquantized if paired == "quant" else timer.other if paired else []
+    return timer.times[warm:warm + args.steps], timer.prof, other[warm:warm + args.steps]
+
+
+def print_pairs(first, second, times):
+    """The pairs of a paired run in order, and the median of their own ratios with its 90% interval."""
+    pairs = list(zip(*times))
+    print(f"  the pairs in order ({first} / {second}, s): " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in pairs))
+    ratios = [a / b for a, b in pairs]
+    interval = median_interval(ratios)
+    print(f"  the pairs' own ratios: median {statistics.median(ratios):.3f}, " + (
+        f"{interval[2]:.0%} interval of the median [{interval[0]:.3f}, {interval[1]:.3f}] over {len(ratios)} pairs"
+        if interval else f"{len(ratios)} pairs (an interval of the median needs 5+)"))
 
 
 def step(args, path):
@@ -351,11 +419,12 @@ def step(args, path):
         for r in range(args.rounds):
             for name, setting, bf16 in variants if r % 2 == 0 else variants[::-1]:
                 profile = args.steps + 3 if name == "qat_bf16" else None  # one profiled step per round
-                paired = args.paired and name == "qat_bf16"
-                t, p, unquantized = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile, paired)
+                paired = ("quant" if args.paired and name == "qat_bf16" else
+                          "precision" if args.paired_precision and name == "qat_fp32" else None)
+                t, p, other = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile, paired)
                 times[name] += t
-                if unquantized:
-                    times["kd_bf16_paired"] += unquantized
+                if paired:
+                    times["kd_bf16_paired" if paired == "quant" else "qat_bf16_paired"] += other
                 if p is not None:
                     profiles.append(breakdown(p))
             for dtype in (torch.bfloat16, torch.float32):
@@ -372,13 +441,11 @@ def step(args, path):
     if args.paired:
         print(f"  paired in one run, every other step unquantized: QAT bf16 {t['qat_bf16']:.3f} s, unquantized "
               f"{t['kd_bf16_paired']:.3f} s: qat_over_kd_step_paired {t['qat_bf16'] / t['kd_bf16_paired']:.3f}")
-        pairs = list(zip(times["qat_bf16"], times["kd_bf16_paired"]))
-        print("  the pairs in order (QAT / unquantized, s): " + ", ".join(f"{q:.2f}/{u:.2f}" for q, u in pairs))
-        ratios = [q / u for q, u in pairs]
-        interval = median_interval(ratios)
-        print(f"  the pairs' own ratios: median {statistics.median(ratios):.3f}, " + (
-            f"{interval[2]:.0%} interval of the median [{interval[0]:.3f}, {interval[1]:.3f}] over {len(ratios)} pairs"
-            if interval else f"{len(ratios)} pairs (an interval of the median needs 5+)"))
+        print_pairs("QAT", "unquantized", (times["qat_bf16"], times["kd_bf16_paired"]))
+    if args.paired_precision:
+        print(f"  paired in one run, every other step in bf16: QAT fp32 {t['qat_fp32']:.3f} s, bf16 "
+              f"{t['qat_bf16_paired']:.3f} s: bf16_over_fp32_speedup_paired {t['qat_fp32'] / t['qat_bf16_paired']:.2f}")
+        print_pairs("fp32", "bf16", (times["qat_fp32"], times["qat_bf16_paired"]))
     print(f"  step matmuls {flops / 1e12:.3f} TFLOP: achieved {flops / t['qat_bf16'] / 1e9:.0f} GFLOP/s in bf16, "
           f"{flops / t['qat_fp32'] / 1e9:.0f} GFLOP/s in fp32")
     # per kind, the median over the rounds' profiled steps (a stalled core doubles one step's every figure)

@@ -255,8 +255,9 @@ def test_llama_cpp_check_ours_only(tmp_path):
 
 @pytest.mark.slow
 def test_roofline():
-    """benchmarks/roofline.py's own smoke run (its docstring's second command), with the QAT run paired."""
-    out = lines(bench("roofline.py", "--model", TINY_MODEL, "--steps", 2, "--rounds", 1, "--gen_ids", 8, "--paired"))
+    """benchmarks/roofline.py's own smoke run (its docstring's second command), with the QAT runs paired."""
+    out = lines(bench("roofline.py", "--model", TINY_MODEL, "--steps", 2, "--rounds", 1, "--gen_ids", 8, "--paired",
+                      "--paired_precision"))
     assert any(re.fullmatch(r"    quantizers +\d+\.\d{3} s +\d+\.\d%", line) for line in out), out  # the breakdown
     paired = next(line for line in out if "every other step unquantized" in line)
     positive(*fields(r".*QAT bf16 (\d+\.\d{3}) s, unquantized (\d+\.\d{3}) s: qat_over_kd_step_paired (\d+\.\d{3})",
@@ -264,6 +265,9 @@ def test_roofline():
     ratios = next(line for line in out if "the pairs' own ratios" in line)  # 2 pairs: no interval
     positive(*fields(r"  the pairs' own ratios: median (\d+\.\d{3}), 2 pairs \(an interval of the median needs 5\+\)",
                      ratios))
+    precision = next(line for line in out if "every other step in bf16" in line)
+    positive(*fields(r".*QAT fp32 (\d+\.\d{3}) s, bf16 (\d+\.\d{3}) s: bf16_over_fp32_speedup_paired (\d+\.\d{2})",
+                     precision))
     positive(*fields(r"bf16_over_fp32_speedup (\d+\.\d{2})", next(line for line in out if line.startswith("bf16_over"))))
     positive(*fields(r"gen_gemm_fraction (\d+\.\d+)", next(line for line in out if line.startswith("gen_gemm"))))
     positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
@@ -307,6 +311,25 @@ def test_roofline_paired_timer_runs_every_other_step_unquantized(monkeypatch):
     assert len(timer.times) == 3 and len(timer.unquantized) == 1
     q = model.model.layers[0].self_attn.k_proj
     assert (q.w_bits, q.a_bits, q.out_bits) == (4, 8, 4)
+
+
+def test_roofline_precision_pairs_alternate_fp32_and_bf16_steps(tmp_path, monkeypatch):
+    """--paired_precision: in the fp32 QAT run every other step (not the profiled one) runs the student under bf16
+    autocast against a bf16 teacher, as --bf16 trains; the trainer is restored afterwards."""
+    from utils import kd_trainer
+    from utils.constants import EMBEDDED_MODEL
+    roofline = load("roofline.py")
+    seen, real = [], kd_trainer.kd_loss
+    monkeypatch.setattr(kd_trainer, "kd_loss", lambda s, t, **k: seen.append((s.dtype, t.dtype)) or real(s, t, **k))
+    timer = roofline.PrecisionPairedTimer(profile_step=5)
+    methods = (kd_trainer.KDTrainer.autocast_smart_context_manager, kd_trainer.KDTrainer.compute_loss)
+    with roofline.alternating_precision(timer, EMBEDDED_MODEL, compiled=False):
+        roofline.timed_training(EMBEDDED_MODEL, str(roofline.DATA / "shakespeare_train.jsonl"), str(tmp_path), "p",
+                                "4-8-4", False, 5, batch=2, seq=32, profile_step=5, timer=timer)
+    fp32, bf16 = (torch.float32,) * 2, (torch.bfloat16,) * 2
+    assert seen == [fp32, bf16, fp32, bf16, fp32]  # step 5 is the profiled one: fp32
+    assert len(timer.times) == 3 and len(timer.other) == 2
+    assert (kd_trainer.KDTrainer.autocast_smart_context_manager, kd_trainer.KDTrainer.compute_loss) == methods
 
 
 @pytest.mark.slow

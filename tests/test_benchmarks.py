@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 
@@ -283,6 +284,10 @@ def test_roofline_median_interval():
     assert median_interval(values, confidence=0.99)[:2] == (min(values) + 0.1, max(values) - 0.1)  # k = 2: 0.9937
     assert median_interval([1.0, 2.0, 3.0, 4.0]) is None  # coverage 1 - 2/16 = 0.875 < 0.9 even at k = 1
     assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0])[:2] == (1.0, 5.0)  # n = 5: k = 1, coverage 0.9375
+    for n in range(5, 40):
+        sample = [((i * 7919) % 101) / 10 for i in range(n)]
+        low, high, coverage = median_interval(sample)
+        assert low <= statistics.median(sample) <= high and coverage >= 0.9
 
 
 def test_roofline_paired_timer_runs_every_other_step_unquantized(monkeypatch):

@@ -10,7 +10,9 @@ matmul rate at their own shapes and thread count.
     fp32, and the unquantized KD step in bf16; median step times side by side, the step's matmul FLOPs (student
     forward + backward, teacher forward), the achieved rate, its share of the measured bf16 rate at the step's
     GEMM shapes, and a torch.profiler breakdown of one bf16 QAT step by kind (matmul, attention, quantizers,
-    casts, KD loss, optimizer, other). The last line of the output: `step_gemm_fraction <x>`.
+    casts, KD loss, optimizer, other). The last line of the output: `step_gemm_fraction <x>`; before it
+    `step_gemm_fraction_beside <x>`, the median over the bf16 QAT steps of (its matmuls timed alone right after
+    the step) / (the step), with an interval: the fraction without the machine's drift between the two timings.
     --paired: the bf16 QAT run alternates quantized steps with unquantized ones (its linears at 32 bits),
     so QAT over unquantized KD is also measured step beside step, on the machine in the same state; with the
     median of the pairs' own ratios and a distribution-free 90% interval for it (order statistics).
@@ -241,11 +243,16 @@ def generation(args, path):
 
 # ---- (2) the training step ----
 class StepTimer(TrainerCallback):
-    """Each step's seconds; step `profile_step` (1-based) under torch.profiler."""
+    """Each step's seconds; step `profile_step` (1-based) under torch.profiler; `beside`: a function called after
+    each timed step, outside its time (the step's matmuls timed alone), its results in `besides`."""
 
-    def __init__(self, profile_step=None, compiled=False):
+    def __init__(self, profile_step=None, compiled=False, beside=None):
         self.times, self.start, self.profile_step, self.prof, self.labels = [], None, profile_step, None, None
-        self.compiled = compiled
+        self.compiled, self.beside, self.besides = compiled, beside, []
+
+    def kept(self):
+        """Whether this step's time stays in `times` (a paired timer moves its other steps' times elsewhere)."""
+        return True
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.profile_step:  # the labels and the profiler for this step only
@@ -260,6 +267,8 @@ class StepTimer(TrainerCallback):
         if self.prof is not None and state.global_step == self.profile_step:
             self.prof.__exit__(None, None, None)
             self.labels.__exit__(None, None, None)
+        if self.beside is not None and self.kept():
+            self.besides.append(self.beside())
 
 
 def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4, seq=256, optim=None,
@@ -296,9 +305,12 @@ class PairedTimer(StepTimer):
     percent within minutes: separate runs cannot resolve a 10% difference). times: the QAT steps', unquantized: the
     others'."""
 
-    def __init__(self, profile_step=None, compiled=False):
-        super().__init__(profile_step, compiled)
+    def __init__(self, profile_step=None, compiled=False, beside=None):
+        super().__init__(profile_step, compiled, beside)
         self.unquantized, self.bits, self.off = [], None, False
+
+    def kept(self):
+        return not self.off
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         linears = [m for m in model.modules() if isinstance(m, QuantizeLinear)]
@@ -320,9 +332,12 @@ class PrecisionPairedTimer(StepTimer):
     one): the bf16 step timed beside the fp32 step on the machine in the same state. Used with
     alternating_precision(), which makes the trainer follow `bf16`. times: the fp32 steps', other: the bf16 steps'."""
 
-    def __init__(self, profile_step=None, compiled=False):
-        super().__init__(profile_step, compiled)
+    def __init__(self, profile_step=None, compiled=False, beside=None):
+        super().__init__(profile_step, compiled, beside)
         self.other, self.bf16 = [], False
+
+    def kept(self):
+        return not self.bf16
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.bf16 = state.global_step % 2 == 1 and state.global_step + 1 != self.profile_step
@@ -379,20 +394,21 @@ def median_interval(values, confidence=0.9):
     return (x[k - 1], x[n - k], 1 - 2 * tail) if k else None
 
 
-def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=None):
+def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=None, beside=None):
     """The seconds of each training step after 2 warm-ups, and the profiler of one if asked; paired "quant": every
     other step unquantized (PairedTimer), "precision": every other step in bf16 (PrecisionPairedTimer), whose
-    seconds come third."""
+    seconds come third; beside: called after each kept step (StepTimer), its results fourth."""
     steps = args.steps * (2 if paired else 1)
     # the profiled step stays the last one (after the timed steps)
     timer_cls = {None: StepTimer, "quant": PairedTimer, "precision": PrecisionPairedTimer}[paired]
-    timer = timer_cls(profile_step and profile_step + steps - args.steps, args.compile_layers)
+    timer = timer_cls(profile_step and profile_step + steps - args.steps, args.compile_layers, beside)
     with alternating_precision(timer, path, args.compile_layers) if paired == "precision" else contextlib.nullcontext():
         timed_training(path, args.data, tmp, name, setting, bf16, steps + 2 + bool(profile_step), args.batch,
                        args.seq, args.optim, timer.profile_step, args.compile_layers, timer)
     warm = 1 if paired else 2  # 2 warm-up steps: one of each kind when paired
     other = timer.unquantized if paired == "quant" else timer.other if paired else []
-    return timer.times[warm:warm + args.steps], timer.prof, other[warm:warm + args.steps]
+    return (timer.times[warm:warm + args.steps], timer.prof, other[warm:warm + args.steps],
+            timer.besides[warm:warm + args.steps])
 
 
 def print_pairs(first, second, times):
@@ -421,8 +437,11 @@ def step(args, path):
                 profile = args.steps + 3 if name == "qat_bf16" else None  # one profiled step per round
                 paired = ("quant" if args.paired and name == "qat_bf16" else
                           "precision" if args.paired_precision and name == "qat_fp32" else None)
-                t, p, other = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile, paired)
+                # the bf16 QAT steps' matmuls timed alone right after each step: the gemm fraction step by step
+                beside = (lambda: gemm_time(shapes, torch.bfloat16, 1)[1]) if name == "qat_bf16" else None
+                t, p, other, gemms = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile, paired, beside)
                 times[name] += t
+                times["gemm_beside"] += gemms
                 if paired:
                     times["kd_bf16_paired" if paired == "quant" else "qat_bf16_paired"] += other
                 if p is not None:
@@ -452,9 +471,15 @@ def step(args, path):
     kinds = collections.Counter({k: statistics.median(p[0][k] for p in profiles) for k in KINDS})
     other = collections.Counter({n: statistics.median(p[1][n] for p in profiles) for n in profiles[0][1]})
     print_breakdown(kinds, other, len(profiles))
+    fractions = [gemm / step for gemm, step in zip(times["gemm_beside"], times["qat_bf16"])]
+    interval = median_interval(fractions)
+    print(f"  each bf16 QAT step beside its matmuls timed alone right after it: "
+          + (f"{interval[2]:.0%} interval of the median fraction [{interval[0]:.3f}, {interval[1]:.3f}], "
+             if interval else "") + f"{len(fractions)} steps")
     print(f"bf16_over_fp32_speedup {t['qat_fp32'] / t['qat_bf16']:.2f}")
     print(f"qat_over_kd_step {t['qat_bf16'] / t['kd_bf16']:.3f}")
     print(f"fp32_step_gemm_fraction {g[torch.float32] / t['qat_fp32']:.3f}")
+    print(f"step_gemm_fraction_beside {statistics.median(fractions):.3f}")
     print(f"step_gemm_fraction {g[torch.bfloat16] / t['qat_bf16']:.3f}")
 
 

@@ -271,6 +271,8 @@ def test_roofline():
                      precision))
     positive(*fields(r"bf16_over_fp32_speedup (\d+\.\d{2})", next(line for line in out if line.startswith("bf16_over"))))
     positive(*fields(r"gen_gemm_fraction (\d+\.\d+)", next(line for line in out if line.startswith("gen_gemm"))))
+    assert "  each bf16 QAT step beside its matmuls timed alone right after it: 2 steps" in out  # 2: no interval
+    positive(*fields(r"step_gemm_fraction_beside (\d+\.\d{3})", out[-2]))
     positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
 
 
@@ -303,7 +305,7 @@ def test_roofline_paired_timer_runs_every_other_step_unquantized(monkeypatch):
     calls = []
     real = utils_quant.sym_quant
     monkeypatch.setattr(utils_quant, "sym_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
-    timer, ids = roofline.PairedTimer(profile_step=4), torch.randint(0, 100, (1, 8))
+    timer, ids = roofline.PairedTimer(profile_step=4, beside=lambda: len(calls)), torch.randint(0, 100, (1, 8))
     quantized = []
     for step in range(4):
         calls.clear()
@@ -314,6 +316,7 @@ def test_roofline_paired_timer_runs_every_other_step_unquantized(monkeypatch):
         quantized.append(len(calls) > 0)
     assert quantized == [True, False, True, True]  # step 4 is the profiled one: quantized
     assert len(timer.times) == 3 and len(timer.unquantized) == 1
+    assert len(timer.besides) == 3 and all(timer.besides)  # called after the quantized steps only
     q = model.model.layers[0].self_attn.k_proj
     assert (q.w_bits, q.a_bits, q.out_bits) == (4, 8, 4)
 

@@ -298,60 +298,58 @@ def timed_training(path, data, out_dir, name, setting, bf16, max_steps, batch=4,
     return timer
 
 
-class PairedTimer(StepTimer):
-    """Every other step of the QAT run unquantized: its QuantizeLinear modules set to 32 bits (no quantizer runs; the
-    weights go through autocast's cast as nn.Linear's do), with the same model, data, teacher and optimizer, so each
-    QAT step is timed beside an unquantized one on the machine in the same state (these machines drift by tens of
-    percent within minutes: separate runs cannot resolve a 10% difference). times: the QAT steps', unquantized: the
-    others'."""
+class AlternatingTimer(StepTimer):
+    """Every other step (the odd ones, never the profiled one) of the other kind, on the same model, data, teacher and
+    optimizer, so each step is timed beside one of the other kind on the machine in the same state (these machines
+    drift by tens of percent within minutes: separate runs cannot resolve a 10% difference). `alternate`: whether
+    the current step is of the other kind; times: the run's own steps', other: the other kind's (no `beside` call)."""
 
     def __init__(self, profile_step=None, compiled=False, beside=None):
         super().__init__(profile_step, compiled, beside)
-        self.unquantized, self.bits, self.off = [], None, False
+        self.other, self.alternate = [], False
 
     def kept(self):
-        return not self.off
+        return not self.alternate
+
+    def switch(self, model):
+        """Set the model up for the coming step's kind (self.alternate)."""
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        linears = [m for m in model.modules() if isinstance(m, QuantizeLinear)]
-        if self.bits is None:
-            self.bits = [(m.w_bits, m.a_bits, m.out_bits) for m in linears]
-        self.off = state.global_step % 2 == 1 and state.global_step + 1 != self.profile_step
-        for m, bits in zip(linears, self.bits):
-            m.w_bits, m.a_bits, m.out_bits = (32, 32, 32) if self.off else bits
+        self.alternate = state.global_step % 2 == 1 and state.global_step + 1 != self.profile_step
+        self.switch(model)
         super().on_step_begin(args, state, control, model=model, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
         super().on_step_end(args, state, control, **kwargs)
-        if self.off:
-            self.unquantized.append(self.times.pop())
+        if self.alternate:
+            self.other.append(self.times.pop())
 
 
-class PrecisionPairedTimer(StepTimer):
-    """Every other step of the fp32 QAT run in bf16 (the student under bf16 autocast, a bf16 teacher beside the fp32
-    one): the bf16 step timed beside the fp32 step on the machine in the same state. Used with
-    alternating_precision(), which makes the trainer follow `bf16`. times: the fp32 steps', other: the bf16 steps'."""
+class PairedTimer(AlternatingTimer):
+    """The other kind unquantized: the QAT run's QuantizeLinear modules set to 32 bits (no quantizer runs; the weights
+    go through autocast's cast as nn.Linear's do). times: the QAT steps', other: the unquantized ones'."""
 
     def __init__(self, profile_step=None, compiled=False, beside=None):
         super().__init__(profile_step, compiled, beside)
-        self.other, self.bf16 = [], False
+        self.bits = None
 
-    def kept(self):
-        return not self.bf16
+    def switch(self, model):
+        linears = [m for m in model.modules() if isinstance(m, QuantizeLinear)]
+        if self.bits is None:
+            self.bits = [(m.w_bits, m.a_bits, m.out_bits) for m in linears]
+        for m, bits in zip(linears, self.bits):
+            m.w_bits, m.a_bits, m.out_bits = (32, 32, 32) if self.alternate else bits
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.bf16 = state.global_step % 2 == 1 and state.global_step + 1 != self.profile_step
-        super().on_step_begin(args, state, control, **kwargs)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        super().on_step_end(args, state, control, **kwargs)
-        if self.bf16:
-            self.other.append(self.times.pop())
+class PrecisionPairedTimer(AlternatingTimer):
+    """The other kind in bf16 (the student under bf16 autocast, a bf16 teacher beside the fp32 one) in the fp32 QAT
+    run: used with alternating_precision(), which makes the trainer follow `alternate`. times: the fp32 steps',
+    other: the bf16 steps'."""
 
 
 @contextlib.contextmanager
 def alternating_precision(timer, path, compiled):
-    """While open, KDTrainer steps in bf16 whenever timer.bf16: bf16 autocast around the loss (as --bf16 gives) and
+    """While open, KDTrainer steps in bf16 whenever timer.alternate: bf16 autocast around the loss (as --bf16 gives) and
     the KD teacher swapped for a bf16 one, loaded as train.py loads it (compiled like it under --compile_layers)."""
     from utils import precision
     trainer_cls = kd_trainer.KDTrainer
@@ -359,7 +357,7 @@ def alternating_precision(timer, path, compiled):
     teachers = {}
 
     def paired_autocast(self, cache_enabled=True):
-        return torch.autocast(self.args.device.type, dtype=torch.bfloat16) if timer.bf16 else autocast(self)
+        return torch.autocast(self.args.device.type, dtype=torch.bfloat16) if timer.alternate else autocast(self)
 
     def paired_loss(self, model, inputs, *args, **kwargs):
         if self.teacher is not None:
@@ -370,7 +368,7 @@ def alternating_precision(timer, path, compiled):
                 if compiled:
                     kd_trainer.compile_layers([teachers[True]], backend=self.args.torch_compile_backend or "inductor",
                                               mode=self.args.torch_compile_mode)
-            self.teacher = teachers[timer.bf16]
+            self.teacher = teachers[timer.alternate]
         return compute_loss(self, model, inputs, *args, **kwargs)
 
     trainer_cls.autocast_smart_context_manager, trainer_cls.compute_loss = paired_autocast, paired_loss
@@ -406,9 +404,8 @@ def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=N
         timed_training(path, args.data, tmp, name, setting, bf16, steps + 2 + bool(profile_step), args.batch,
                        args.seq, args.optim, timer.profile_step, args.compile_layers, timer)
     warm = 1 if paired else 2  # 2 warm-up steps: one of each kind when paired
-    other = timer.unquantized if paired == "quant" else timer.other if paired else []
-    return (timer.times[warm:warm + args.steps], timer.prof, other[warm:warm + args.steps],
-            timer.besides[warm:warm + args.steps])
+    other = timer.other[warm:warm + args.steps] if paired else []
+    return timer.times[warm:warm + args.steps], timer.prof, other, timer.besides[warm:warm + args.steps]
 
 
 def print_pairs(first, second, times):

@@ -315,7 +315,7 @@ def test_roofline_paired_timer_runs_every_other_step_unquantized(monkeypatch):
         timer.on_step_end(None, types.SimpleNamespace(global_step=step + 1), None)
         quantized.append(len(calls) > 0)
     assert quantized == [True, False, True, True]  # step 4 is the profiled one: quantized
-    assert len(timer.times) == 3 and len(timer.unquantized) == 1
+    assert len(timer.times) == 3 and len(timer.other) == 1
     assert len(timer.besides) == 3 and all(timer.besides)  # called after the quantized steps only
     q = model.model.layers[0].self_attn.k_proj
     assert (q.w_bits, q.a_bits, q.out_bits) == (4, 8, 4)

@@ -21,6 +21,7 @@ embedded model: `--model assets/tiny_llama --steps 3 --max_windows 4`).
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -118,8 +119,9 @@ def main(argv=None):
                 run = f"{name}_seed{seed}"
                 timer = timed_training(args.model, args.data, tmp, run, "4-8-4", bf16, args.steps,
                                        compile_layers=args.compile_layers, seed=seed)
-                ppl = evaluate(os.path.join(tmp, "models", run), ppl_data=[args.valid], seq_len=256,
-                               max_windows=args.max_windows, dtype="float32")
+                saved = os.path.join(tmp, "models", run)
+                ppl = evaluate(saved, ppl_data=[args.valid], seq_len=256, max_windows=args.max_windows, dtype="float32")
+                shutil.rmtree(saved)  # evaluated: one student on disk at a time, however many seeds
                 steps[name].append(median_step(timer.times))
                 ppls[name].append(next(iter(ppl["ppl"].values()))["ppl"])
             print(f"seed {seed}: validation ppl fp32 {ppls['fp32'][-1]:.3f}, bf16 {ppls['bf16'][-1]:.3f} "

@@ -82,9 +82,12 @@ def parse_args(argv=None):
 
 
 # ---- matmul rate at given shapes ----
-def time_mm(m, k, n, dtype, reps, device="cpu"):
-    """Median seconds of one [m, k] @ [k, n] product in dtype (timed in loops of >= ~10 ms)."""
-    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+def time_mm(m, k, n, dtype, reps, device="cpu", operands=None):
+    """Median seconds of one [m, k] @ [k, n] product in dtype (timed in loops of >= ~10 ms); operands: a dict that
+    keeps the random operands for the next call (timings repeated step by step make them once)."""
+    made = operands if operands is not None else {}
+    a, b = made.setdefault((m, k, n, dtype, device), (torch.randn(m, k, device=device).to(dtype),
+                                                         torch.randn(k, n, device=device).to(dtype)))
     sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
 
     def loop(count):
@@ -100,12 +103,12 @@ def time_mm(m, k, n, dtype, reps, device="cpu"):
     return statistics.median(loop(count) for _ in range(reps))
 
 
-def gemm_time(shapes, dtype, reps, device="cpu"):
+def gemm_time(shapes, dtype, reps, device="cpu", operands=None):
     """{(m, k, n): count} -> (FLOPs, seconds these matmuls take alone at this machine's rate)."""
     flops = seconds = 0.0
     for (m, k, n), count in shapes.items():
         flops += 2 * m * k * n * count
-        seconds += time_mm(m, k, n, dtype, reps, device) * count
+        seconds += time_mm(m, k, n, dtype, reps, device, operands) * count
     return flops, seconds
 
 
@@ -408,15 +411,19 @@ def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=N
     return timer.times[warm:warm + args.steps], timer.prof, other, timer.besides[warm:warm + args.steps]
 
 
+def median_with_interval(values, unit):
+    """'median m, c% interval of the median [lo, hi] over n <unit>' (or, with too few values, no interval)."""
+    interval = median_interval(values)
+    return f"median {statistics.median(values):.3f}, " + (
+        f"{interval[2]:.0%} interval of the median [{interval[0]:.3f}, {interval[1]:.3f}] over {len(values)} {unit}"
+        if interval else f"{len(values)} {unit} (an interval of the median needs 5+)")
+
+
 def print_pairs(first, second, times):
     """The pairs of a paired run in order, and the median of their own ratios with its 90% interval."""
     pairs = list(zip(*times))
     print(f"  the pairs in order ({first} / {second}, s): " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in pairs))
-    ratios = [a / b for a, b in pairs]
-    interval = median_interval(ratios)
-    print(f"  the pairs' own ratios: median {statistics.median(ratios):.3f}, " + (
-        f"{interval[2]:.0%} interval of the median [{interval[0]:.3f}, {interval[1]:.3f}] over {len(ratios)} pairs"
-        if interval else f"{len(ratios)} pairs (an interval of the median needs 5+)"))
+    print("  the pairs' own ratios: " + median_with_interval([a / b for a, b in pairs], "pairs"))
 
 
 def step(args, path):
@@ -428,6 +435,7 @@ def step(args, path):
     shapes = linear_shapes(config, tokens, True) + linear_shapes(config, tokens, False)
     variants = [("qat_bf16", args.setting, True), ("kd_bf16", None, True), ("qat_fp32", args.setting, False)]
     times, gemm, profiles = collections.defaultdict(list), collections.defaultdict(list), []
+    operands = {}  # the step-by-step matmul timings' operands, made once
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name, setting, bf16 in variants if r % 2 == 0 else variants[::-1]:
@@ -435,7 +443,8 @@ def step(args, path):
                 paired = ("quant" if args.paired and name == "qat_bf16" else
                           "precision" if args.paired_precision and name == "qat_fp32" else None)
                 # the bf16 QAT steps' matmuls timed alone right after each step: the gemm fraction step by step
-                beside = (lambda: gemm_time(shapes, torch.bfloat16, 1)[1]) if name == "qat_bf16" else None
+                beside = ((lambda: gemm_time(shapes, torch.bfloat16, 1, operands=operands)[1])
+                          if name == "qat_bf16" else None)
                 t, p, other, gemms = train_step(args, path, tmp, f"{name}_{r}", setting, bf16, profile, paired, beside)
                 times[name] += t
                 times["gemm_beside"] += gemms
@@ -469,10 +478,8 @@ def step(args, path):
     other = collections.Counter({n: statistics.median(p[1][n] for p in profiles) for n in profiles[0][1]})
     print_breakdown(kinds, other, len(profiles))
     fractions = [gemm / step for gemm, step in zip(times["gemm_beside"], times["qat_bf16"])]
-    interval = median_interval(fractions)
-    print(f"  each bf16 QAT step beside its matmuls timed alone right after it: "
-          + (f"{interval[2]:.0%} interval of the median fraction [{interval[0]:.3f}, {interval[1]:.3f}], "
-             if interval else "") + f"{len(fractions)} steps")
+    print("  each bf16 QAT step beside its matmuls timed alone right after it, the fraction: "
+          + median_with_interval(fractions, "steps"))
     print(f"bf16_over_fp32_speedup {t['qat_fp32'] / t['qat_bf16']:.2f}")
     print(f"qat_over_kd_step {t['qat_bf16'] / t['kd_bf16']:.3f}")
     print(f"fp32_step_gemm_fraction {g[torch.float32] / t['qat_fp32']:.3f}")

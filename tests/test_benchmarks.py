@@ -271,7 +271,9 @@ def test_roofline():
                      precision))
     positive(*fields(r"bf16_over_fp32_speedup (\d+\.\d{2})", next(line for line in out if line.startswith("bf16_over"))))
     positive(*fields(r"gen_gemm_fraction (\d+\.\d+)", next(line for line in out if line.startswith("gen_gemm"))))
-    assert "  each bf16 QAT step beside its matmuls timed alone right after it: 2 steps" in out  # 2: no interval
+    beside = next(line for line in out if "each bf16 QAT step beside" in line)  # 2 steps: no interval
+    positive(*fields(r"  each bf16 QAT step beside its matmuls timed alone right after it, the fraction: median "
+                     r"(\d+\.\d{3}), 2 steps \(an interval of the median needs 5\+\)", beside))
     positive(*fields(r"step_gemm_fraction_beside (\d+\.\d{3})", out[-2]))
     positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
 
@@ -286,6 +288,8 @@ def test_roofline_median_interval():
     assert median_interval(values, confidence=0.99)[:2] == (min(values) + 0.1, max(values) - 0.1)  # k = 2: 0.9937
     assert median_interval([1.0, 2.0, 3.0, 4.0]) is None  # coverage 1 - 2/16 = 0.875 < 0.9 even at k = 1
     assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0])[:2] == (1.0, 5.0)  # n = 5: k = 1, coverage 0.9375
+    assert (load("roofline.py").median_with_interval([3.0, 1.0, 2.0, 5.0, 4.0], "pairs")
+            == "median 3.000, 94% interval of the median [1.000, 5.000] over 5 pairs")
     for n in range(5, 40):
         sample = [((i * 7919) % 101) / 10 for i in range(n)]
         low, high, coverage = median_interval(sample)

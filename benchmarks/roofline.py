@@ -85,9 +85,10 @@ def parse_args(argv=None):
 def time_mm(m, k, n, dtype, reps, device="cpu", operands=None):
     """Median seconds of one [m, k] @ [k, n] product in dtype (timed in loops of >= ~10 ms); operands: a dict that
     keeps the random operands for the next call (timings repeated step by step make them once)."""
-    made = operands if operands is not None else {}
-    a, b = made.setdefault((m, k, n, dtype, device), (torch.randn(m, k, device=device).to(dtype),
-                                                         torch.randn(k, n, device=device).to(dtype)))
+    made, key = (operands if operands is not None else {}), (m, k, n, dtype, device)
+    if key not in made:
+        made[key] = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+    a, b = made[key]
     sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
 
     def loop(count):

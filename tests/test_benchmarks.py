@@ -278,6 +278,19 @@ def test_roofline():
     positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
 
 
+def test_roofline_matmul_timings_make_their_operands_once(monkeypatch):
+    """The step-by-step timings (step_gemm_fraction_beside) pass one dict: a shape's operands are drawn once."""
+    roofline, drawn, randn = load("roofline.py"), [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(a) or randn(*a, **k))
+    operands = {}
+    for _ in range(3):
+        flops, seconds = roofline.gemm_time({(8, 4, 6): 2, (3, 5, 7): 1}, torch.float32, 1, operands=operands)
+    assert flops == 2 * (2 * 8 * 4 * 6) + 2 * 3 * 5 * 7 and seconds > 0
+    assert sorted(drawn) == [(3, 5), (4, 6), (5, 7), (8, 4)] and len(operands) == 2
+    roofline.gemm_time({(8, 4, 6): 1}, torch.float32, 1)  # no dict: fresh operands each call, nothing kept
+    assert len(drawn) == 6
+
+
 def test_roofline_median_interval():
     """The order-statistics interval: n = 12 gives the 3rd smallest and 3rd largest value, coverage 1 - 2 x 79/4096;
     too few values give none; the interval always holds the sample median."""

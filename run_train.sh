@@ -50,10 +50,13 @@ for ARG in "$@"; do
   case "$ARG" in --w_quantizer=*) WQ=${ARG#*=} ;; esac
   PREV=$ARG
 done
+# (light modules only: the check takes torch's import time, not transformers')
 CHECK=$($PYTHON -c "import sys, torch; from models.dtypes import bf16_pays
-from models.quant_model import QuantSetting, read_config; from utils.errors import cli
+from models.config_file import config_json, text_hidden_size; from models.setting import QuantSetting
+from utils.errors import cli
 cli(lambda: QuantSetting.of(*sys.argv[1:4], w_quantizer=sys.argv[5]))
-print(torch.cuda.device_count(), int(bf16_pays(cli(lambda: read_config(sys.argv[4])))))" "$W" "$A" "$KV" "$MODEL" "$WQ") || exit 1
+print(torch.cuda.device_count(), int(bf16_pays(text_hidden_size(cli(lambda: config_json(sys.argv[4]))))))" \
+  "$W" "$A" "$KV" "$MODEL" "$WQ") || exit 1
 read -r NGPU BF16 <<EOT
 $CHECK
 EOT

@@ -19,13 +19,12 @@ def cpu_has_bf16():
 CPU_BF16_MIN_HIDDEN = 512
 
 
-def bf16_pays(config=None):
+def bf16_pays(hidden_size=CPU_BF16_MIN_HIDDEN):
     """Whether bf16 compute is the better default: a GPU with bf16, or a CPU with native bf16 matmuls and a
-    model at least CPU_BF16_MIN_HIDDEN wide (config None: any model)."""
+    model at least CPU_BF16_MIN_HIDDEN wide (hidden_size: the text model's; by default any model)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    hidden = getattr(config.get_text_config(), "hidden_size", 0) if config is not None else CPU_BF16_MIN_HIDDEN
-    return cpu_has_bf16() and hidden >= CPU_BF16_MIN_HIDDEN
+    return cpu_has_bf16() and hidden_size >= CPU_BF16_MIN_HIDDEN
 
 
 def resolve_dtype(name, config=None):
@@ -34,5 +33,6 @@ def resolve_dtype(name, config=None):
     if name == "auto":
         if torch.cuda.is_available():
             return "bfloat16"
-        return "bfloat16" if config is not None and bf16_pays(config) else "float32"
+        return "bfloat16" if config is not None and bf16_pays(getattr(config.get_text_config(), "hidden_size", 0)) \
+            else "float32"
     return name

@@ -11,7 +11,7 @@ from models.kv_cache import quantize_kv
 from models.quant_model import QuantSetting, load_model
 from models.utils_quant import QuantizeLinear, SymQuantizer
 
-from conftest import FAMILIES, TINY, tiny, tokens
+from conftest import FAMILIES, REPO, REPO_PATH, TINY, tiny, tokens
 
 @pytest.mark.parametrize("family", FAMILIES, ids=["llama", "mistral", "qwen2"])
 def test_every_decoder_linear_becomes_quantize_linear(family):
@@ -135,6 +135,35 @@ def test_quant_setting_names_labels_and_config_round_trip():
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="not a local Hugging Face model directory"):
         load_model(str(tmp_path / "nope"))
+
+
+def test_config_json_reads_widths_and_names_the_unreadable_file(tmp_path):
+    """run_train.sh's check reads config.json as JSON (no transformers): the text model's width, nested or not,
+    and the same one-line errors as read_config."""
+    from models.config_file import config_json, text_hidden_size
+    from models.quant_model import read_config
+    from utils.constants import EMBEDDED_MODEL
+    assert text_hidden_size(config_json(EMBEDDED_MODEL)) == read_config(EMBEDDED_MODEL).hidden_size == 256
+    assert text_hidden_size({"text_config": {"hidden_size": 576}, "vision_config": {"hidden_size": 32}}) == 576
+    assert text_hidden_size({"model_type": "x"}) == 0
+    (tmp_path / "config.json").write_text("{ not json")
+    for read in (config_json, read_config):
+        with pytest.raises(InputError, match=r"cannot read its config.json \(Expecting property name"):
+            read(tmp_path)
+        with pytest.raises(InputError, match="not a local Hugging Face model directory"):
+            read(tmp_path / "nope")
+
+
+def test_the_launch_check_imports_torch_but_not_transformers():
+    """run_train.sh checks the bits and the model's width before it launches train.py; that check stays at
+    torch's import time (transformers and accelerate add seconds per launch)."""
+    import subprocess
+    import sys
+    code = ("import sys, models.setting, models.config_file, models.dtypes, utils.errors; "
+            "print(sorted(m for m in ('transformers', 'accelerate', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+    assert "models.setting import QuantSetting" in (REPO_PATH / "run_train.sh").read_text()
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -148,7 +148,7 @@ def eos_token_ids(model):
 
 
 def load_generator(path, dtype="auto"):
-    """The model on the GPU if there is one; dtype "auto": bfloat16 where it pays (models.quant_model.bf16_pays)."""
+    """The model on the GPU if there is one; dtype "auto": bfloat16 where it pays (models.dtypes.bf16_pays)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[resolve_dtype(dtype, read_config(path))]
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

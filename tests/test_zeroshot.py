@@ -77,3 +77,13 @@ def test_resolve_tasks():
 def test_hub_task_offline_is_one_line_error(tiny):
     with pytest.raises(InputError, match="'boolq' needs its dataset from the Hugging Face hub"):
         evaluate_tasks(*tiny, "boolq", limit=1)
+
+
+def test_local_tasks_are_found_without_lm_evals_index_of_its_own_tasks():
+    """Local task names resolve against tasks/ alone (lm-eval's full index scans ~15k yaml files, seconds);
+    any other name builds the full index, which knows the local tasks too."""
+    from utils.zeroshot import task_manager
+    assert sorted(task_manager(["shakespeare_nextline", "pydocs_nextsentence"]).all_tasks) == [
+        "pydocs_nextsentence", "shakespeare_nextline"]
+    full = task_manager(["shakespeare_nextline", "boolq"]).all_tasks
+    assert {"boolq", "piqa", "shakespeare_nextline"} <= set(full) and len(full) > 1000

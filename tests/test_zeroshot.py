@@ -87,3 +87,12 @@ def test_local_tasks_are_found_without_lm_evals_index_of_its_own_tasks():
         "pydocs_nextsentence", "shakespeare_nextline"]
     full = task_manager(["shakespeare_nextline", "boolq"]).all_tasks
     assert {"boolq", "piqa", "shakespeare_nextline"} <= set(full) and len(full) > 1000
+
+
+def test_scoring_skips_torchs_environment_report(tiny, monkeypatch):
+    """simple_evaluate would run torch's collect_env (pip list, lscpu... in subprocesses, ~2 s) for every call."""
+    import torch.utils.collect_env
+    calls = []
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: calls.append(1) or "")
+    assert evaluate_tasks(*tiny, "shakespeare_nextline", limit=4)["shakespeare_nextline"]["n"] == 4
+    assert calls == []

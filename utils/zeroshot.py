@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import random
+from unittest import mock
 
 import numpy as np
 import torch
@@ -94,6 +95,7 @@ def evaluate_tasks(model, tokenizer, tasks, batch_size=16, limit=None, num_fewsh
     as a task yaml would hold). The model stays on its device; contexts longer than its
     max_position_embeddings are left-truncated by lm-eval. acc_norm is None for tasks without it.
     """
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -108,8 +110,11 @@ def evaluate_tasks(model, tokenizer, tasks, batch_size=16, limit=None, num_fewsh
     try:
         # HFLM sets a pad token on the tokenizer it gets: give it a copy. It puts the model in eval mode.
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-        # simple_evaluate reseeds python/numpy/torch for reproducibility: keep the caller's streams.
-        with torch.random.fork_rng(), torch.inference_mode():
+        # simple_evaluate reseeds python/numpy/torch for reproducibility: keep the caller's streams. It ends by
+        # adding torch's environment report to its results (pip list, lscpu and more in subprocesses: ~2 s a
+        # call, every row of a table); only the scores are kept here, so that step is skipped.
+        no_env_report = mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None)
+        with torch.random.fork_rng(), torch.inference_mode(), no_env_report:
             out = simple_evaluate(model=lm, tasks=list(loaded.values()), task_manager=index,
                                   num_fewshot=num_fewshot, limit=limit, log_samples=False,
                                   bootstrap_iters=1000)

@@ -16,7 +16,7 @@ def config_json(path) -> dict:
         with open(file) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise InputError(f"model {str(path)!r}: cannot read its config.json ({_reason(e)})") from None
+        raise InputError(f"model {str(path)!r}: cannot read its config.json ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise InputError(f"model {str(path)!r}: cannot read its config.json (a JSON object is needed)")
     return config
@@ -27,6 +27,7 @@ def text_hidden_size(config: dict) -> int:
     return (config.get("text_config") or config).get("hidden_size", 0)
 
 
-def _reason(e):
+def first_line(e):
+    """An exception's message in one line (its type's name if it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

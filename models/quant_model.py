@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from models.config_file import config_json
+from models.config_file import config_json, first_line
 from models.errors import InputError
 from models.kv_cache import use_post_rope_kv_attention
 from models.packed import PackedQuantizeLinear
@@ -101,8 +101,7 @@ def read_config(path):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:  # e.g. an unknown model_type
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"model {str(path)!r}: cannot read its config.json ({reason})") from None
+        raise InputError(f"model {str(path)!r}: cannot read its config.json ({first_line(e)})") from None
 
 
 def load_model(path, dtype=torch.float32, empty=False, config=None, **kwargs):

@@ -33,6 +33,6 @@ def resolve_dtype(name, config=None):
     if name == "auto":
         if torch.cuda.is_available():
             return "bfloat16"
-        return "bfloat16" if config is not None and bf16_pays(getattr(config.get_text_config(), "hidden_size", 0)) \
-            else "float32"
+        width = getattr(config.get_text_config(), "hidden_size", 0) if config is not None else 0
+        return "bfloat16" if bf16_pays(width) else "float32"
     return name

@@ -76,10 +76,10 @@ def _hub_error(e):
                ("huggingface_hub", "requests", "httpx", "urllib3") for x in chain)
 
 
-def _load_task(spec):
+def _load_task(index, spec):
     name = spec if isinstance(spec, str) else spec.get("task")
     try:
-        return task_manager([name] if isinstance(spec, str) else []).load(spec)["tasks"]
+        return index.load(spec)["tasks"]
     except Exception as e:
         if _hub_error(e):
             raise InputError(f"task {name!r} needs its dataset from the Hugging Face hub, which could not be "
@@ -105,7 +105,7 @@ def evaluate_tasks(model, tokenizer, tasks, batch_size=16, limit=None, num_fewsh
     index = task_manager([s for s in specs if isinstance(s, str)])
     loaded = {}
     for spec in specs:  # one at a time so that a hub failure names its task
-        loaded.update(_load_task(spec))
+        loaded.update(_load_task(index, spec))
     was_training, py_rng, np_rng = model.training, random.getstate(), np.random.get_state()
     try:
         # HFLM sets a pad token on the tokenizer it gets: give it a copy. It puts the model in eval mode.

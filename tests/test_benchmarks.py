@@ -369,11 +369,25 @@ def test_bench_allocator():
     positive(*fields(r"allocator_step_speedup (\d+\.\d{2})", out[-1]))
 
 
+def test_bench_zeroshot():
+    out = lines(bench("bench_zeroshot.py", "--limit", 4, "--rounds", 2, "--threads", 1, "--compare_attention"))
+    assert out[0].startswith("model assets/tiny_llama, RTN W-A-KV 4-8-4") and "4 docs each" in out[0]
+    rounds = [line for line in out if line.startswith("  round ")]
+    assert [line.split()[2] for line in rounds] == ["stock", "shared", "shared", "stock"], rounds
+    assert out[-4].startswith("shared vs stock: ") and out[-3].startswith("stock with eager attention vs stock")
+    for line in out[-4:-2]:  # how far apart: the scorers, then the two attention kernels of HFLM (for scale)
+        fields(r".*: max \|difference\| (\d\.\d\de[-+]\d\d), mean (\d\.\d\de[-+]\d\d) nats over 16 "
+               r"\(context, choice\)", line)
+    positive(*fields(r"median: stock (\d+\.\d\d) s, shared (\d+\.\d\d) s", out[-2]))
+    positive(*fields(r"shared_context_speedup (\d+\.\d\d)", out[-1]))
+
+
 def test_every_benchmark_is_tested():
     """Each benchmarks/*.py is run by a test above (names written out: a new script needs its own test)."""
     scripts = {p.name for p in BENCH.glob("*.py")}
     covered = {"bench_allocator.py", "bench_bf16.py", "bench_export.py", "bench_generate.py", "bench_host_memory.py", "bench_qat.py",
-               "gen_dtype.py", "gpu_check.py", "llama_cpp_check.py", "token_curve.py", "roofline.py"}
+               "gen_dtype.py", "gpu_check.py", "llama_cpp_check.py", "token_curve.py", "roofline.py",
+               "bench_zeroshot.py"}
     assert scripts <= covered, f"benchmarks without a test in tests/test_benchmarks.py: {sorted(scripts - covered)}"
     source = open(__file__).read()
     for name in covered:

@@ -1,9 +1,11 @@
 """utils/zeroshot.py: lm-eval scoring of an in-memory model, offline, on local tasks."""
+import copy
 import os
 
 import datasets
 import huggingface_hub.constants
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from models.quant_model import load_model
@@ -96,3 +98,75 @@ def test_scoring_skips_torchs_environment_report(tiny, monkeypatch):
     monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: calls.append(1) or "")
     assert evaluate_tasks(*tiny, "shakespeare_nextline", limit=4)["shakespeare_nextline"]["n"] == 4
     assert calls == []
+
+
+def _requests(tokenizer, max_length):
+    """(context, continuation) token requests as lm-eval builds them: three shared contexts whose choices differ in
+    length, a one-token context, an unshared one, and one longer than the model takes (HFLM cuts it from the left)."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    docs = [("HAMLET.\nTo be, or not to be, that is the", [" question:", " sun.", " winter of our discontent"]),
+            ("ROMEO.\nBut soft, what light through yonder window breaks?\n", ["It is the east.", " Juliet", "\n"]),
+            ("KING RICHARD III.\nNow is the winter of our", [" discontent", " kingdom, and the rest"]),
+            ("A", [" b", " c"]),
+            ("FIRST CITIZEN.\nBefore we proceed any further, hear me speak.", [" All."]),
+            ("CITIZEN.\nWe are accounted poor citizens, the patricians good.\n" * 30, [" Speak.", " Nay."])]
+    requests = [((c, x), enc(c), enc(x)) for c, choices in docs for x in choices]
+    assert len(requests[-1][1]) > max_length  # the long one is cut
+    return requests
+
+
+def test_shared_contexts_score_like_whole_sequences_and_run_each_context_once(tiny):
+    """SharedContextLM against lm-eval's HFLM on the same FP model and requests: the same log-likelihoods (fp32
+    rounding: measured 1.5e-5 at most over 800 questions) and greedy flags. Each shared context runs once (less
+    its last token, which leads each choice's own run); the other requests take HFLM's path."""
+    from lm_eval.models.huggingface import HFLM
+    from utils.shared_context import SharedContextLM
+
+    model, tokenizer = tiny
+    calls = []  # (input shape, real context tokens of a pass without a cache, whether it continues a cache)
+    hook = model.register_forward_pre_hook(lambda m, args, kw: calls.append((
+        tuple((args[0] if args else kw["input_ids"]).shape), kw.get("cache") is not None,
+        int(kw["attention_mask"].sum()) if kw.get("attention_mask") is not None else None)), with_kwargs=True)
+    try:
+        scores, runs = {}, {}
+        for cls in (HFLM, SharedContextLM):
+            lm = cls(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=2)
+            requests = _requests(tokenizer, lm.max_length)
+            calls.clear()
+            with torch.inference_mode():
+                scores[cls] = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+            runs[cls] = list(calls)
+    finally:
+        hook.remove()
+    for (ll, greedy), (ll0, greedy0) in zip(scores[SharedContextLM], scores[HFLM], strict=True):
+        assert abs(ll - ll0) < 2e-4 * max(1, abs(ll0)) and greedy == greedy0, (ll, ll0)
+    # the three shared contexts, longest first (little padding), 2 to a batch: each batch one pass of its contexts
+    # (less their last tokens) and one of all their choices, over a copy of the contexts' cache
+    contexts = sorted({tuple(r[1]) for r in requests[:8]}, key=len, reverse=True)
+    choices = [sum(tuple(r[1]) in batch for r in requests) for batch in (contexts[:2], contexts[2:])]
+    shared = [c for c in runs[SharedContextLM] if c[2] is not None]
+    assert [(cached, real) for _, cached, real in shared[::2]] == [
+        (False, sum(len(c) - 1 for c in batch)) for batch in (contexts[:2], contexts[2:])]
+    assert [(shape[0], cached) for shape, cached, _ in shared[1::2]] == [(n, True) for n in choices]
+    # fewer tokens (padding included) than the 8 requests' whole sequences, which HFLM would run
+    assert sum(shape[0] * shape[1] for shape, _, _ in shared) < sum(len(r[1]) + len(r[2]) - 1 for r in requests[:8])
+
+
+def test_shared_contexts_on_a_quantized_model_and_lm_evals_scoring_one_flag_away(tiny, monkeypatch):
+    """W4-A8-KV4: each token still meets the same quantizers (per token, the KV cache's included), so only
+    rounding differs, which a 4-bit model amplifies where a value sits near a rounding boundary (measured on
+    800 questions: mean |difference| 0.0055 nats, against 0.034 for HF's eager attention in place of SDPA); the
+    accuracy is the same here. shared_context=False is lm-eval's own scoring."""
+    from lm_eval.models.huggingface import HFLM
+    from models.setting import QuantSetting
+
+    model = copy.deepcopy(tiny[0])
+    QuantSetting(4, 8, 4).apply(model)
+    scorers, original = [], HFLM._loglikelihood_tokens
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens",
+                        lambda self, *a, **k: scorers.append(type(self).__name__) or original(self, *a, **k))
+    stock = evaluate_tasks(model, tiny[1], "shakespeare_nextline", limit=40, batch_size=8, shared_context=False)
+    assert scorers == ["HFLM"]
+    shared = evaluate_tasks(model, tiny[1], "shakespeare_nextline", limit=40, batch_size=8)
+    assert scorers == ["HFLM"]  # every context shared by its 4 choices: HFLM's path not taken
+    assert stock["shakespeare_nextline"]["acc"] == shared["shakespeare_nextline"]["acc"]

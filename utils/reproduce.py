@@ -87,6 +87,9 @@ class Profile:
     low_bits: tuple = ()  # below 4 bits (issue 24): RTN, GPTQ and LLM-QAT with the paper's weight quantizer
     learned_bits: tuple = ()  # LLM-QAT with learned weight scales (lsq) at these settings
     per_text: bool = True  # rows keep ppl_by_text / acc_by_task / cpu, and are kept in <out_dir>/<table>_rows
+    # zero-shot scoring: lm-eval's HFLM, one whole sequence per choice, as every committed row was scored (a quantized
+    # model's scores move with any change of rounding, so one table keeps one scorer); True: utils/shared_context.py
+    shared_context: bool = False
 
 
 TINY = Profile(
@@ -230,7 +233,7 @@ def evaluate_row(model, s, profile, setting=None, baseline=None, calib_data=None
     tasks = list(profile.tasks) if tasks is None else tasks
     return evaluate(model, setting, baseline, alpha=0.5 if baseline == "SmoothQuant" else None,
                     ppl_data=[profile.ppl_texts[t] for t in texts], seq_len=256, tasks=",".join(tasks) or None,
-                    batch_size=8, dtype=profile.eval_dtype,
+                    batch_size=8, dtype=profile.eval_dtype, shared_context=profile.shared_context,
                     max_windows=s["eval_windows"] or None, limit=s["limit"] or None, calib_data=calib_data)
 
 

@@ -88,16 +88,20 @@ def _load_task(index, spec):
         raise
 
 
-def evaluate_tasks(model, tokenizer, tasks, batch_size=16, limit=None, num_fewshot=0):
+def evaluate_tasks(model, tokenizer, tasks, batch_size=16, limit=None, num_fewshot=0, shared_context=True):
     """Score `model` on lm-eval tasks -> {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}.
 
     `tasks`: a spec for resolve_tasks, or a list of task names and/or inline lm-eval task configs (dicts,
     as a task yaml would hold). The model stays on its device; contexts longer than its
     max_position_embeddings are left-truncated by lm-eval. acc_norm is None for tasks without it.
+    shared_context: a question's context runs once for all its choices (utils/shared_context.py; the same scores
+    up to float rounding, and batch_size counts contexts); False: lm-eval's HFLM, one sequence per choice.
     """
     import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    from utils.shared_context import SharedContextLM
 
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -109,7 +113,8 @@ def evaluate_tasks(model, tokenizer, tasks, batch_size=16, limit=None, num_fewsh
     was_training, py_rng, np_rng = model.training, random.getstate(), np.random.get_state()
     try:
         # HFLM sets a pad token on the tokenizer it gets: give it a copy. It puts the model in eval mode.
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        scorer = SharedContextLM if shared_context else HFLM
+        lm = scorer(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         # simple_evaluate reseeds python/numpy/torch for reproducibility: keep the caller's streams. It ends by
         # adding torch's environment report to its results (pip list, lscpu and more in subprocesses: ~2 s a
         # call, every row of a table); only the scores are kept here, so that step is skipped.

@@ -70,7 +70,8 @@ def main(argv=None):
     setting = QuantSetting.of(*args.setting.split("-"))
     if setting.label != "32-32-32":
         setting.apply(model)
-    print(f"model {args.model}, RTN W-A-KV {setting.label}, tasks {args.tasks}, {args.limit} docs each, batch "
+    quantized = "FP" if setting.label == "32-32-32" else f"RTN W-A-KV {setting.label}"
+    print(f"model {args.model}, {quantized}, tasks {args.tasks}, {args.limit} docs each, batch "
           f"{args.batch_size}, {torch.get_num_threads()} threads")
     scores, times, accs, lls = [], {k: [] for k in SCORERS}, {}, {}
     recorded(scores)

@@ -140,9 +140,10 @@ def test_shared_contexts_score_like_whole_sequences_and_run_each_context_once(ti
         hook.remove()
     for (ll, greedy), (ll0, greedy0) in zip(scores[SharedContextLM], scores[HFLM], strict=True):
         assert abs(ll - ll0) < 2e-4 * max(1, abs(ll0)) and greedy == greedy0, (ll, ll0)
-    # the three shared contexts, longest first (little padding), 2 to a batch: each batch one pass of its contexts
-    # (less their last tokens) and one of all their choices, over a copy of the contexts' cache
-    contexts = sorted({tuple(r[1]) for r in requests[:8]}, key=len, reverse=True)
+    # the three shared contexts, longest choice first (little padding), 2 to a batch: each batch one pass of its
+    # contexts (less their last tokens) and one of all their choices, over a copy of the contexts' cache
+    longest = lambda c: (max(len(r[2]) for r in requests if tuple(r[1]) == c), len(c))
+    contexts = sorted({tuple(r[1]) for r in requests[:8]}, key=longest, reverse=True)
     choices = [sum(tuple(r[1]) in batch for r in requests) for batch in (contexts[:2], contexts[2:])]
     shared = [c for c in runs[SharedContextLM] if c[2] is not None]
     assert [(cached, real) for _, cached, real in shared[::2]] == [

@@ -35,7 +35,9 @@ class SharedContextLM(HFLM):
 
         if self.backend != "causal" or not str(batch).isdigit():  # "auto" batch sizes: HFLM's own path
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        shared = sorted(((c, m) for c, m in groups.items() if shareable(c, m)), key=lambda g: -len(g[0]))
+        # batches of similar lengths (little padding), the choices' first: they run 4 times as many rows
+        longest = lambda g: (max(len(requests[i][2]) for i in g[1]), len(g[0]))
+        shared = sorted(((c, m) for c, m in groups.items() if shareable(c, m)), key=longest, reverse=True)
         rest = [i for c, m in groups.items() if not shareable(c, m) for i in m]
         scores = [None] * len(requests)
         for i, score in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm,

@@ -12,7 +12,7 @@ from models.quant_model import load_model
 from utils.errors import InputError
 from utils.zeroshot import PAPER_TASKS, evaluate_tasks, resolve_tasks
 
-from conftest import REPO as ROOT  # noqa: E402
+from conftest import FAMILIES, REPO as ROOT, TINY as TINY_CONFIG, tiny as tiny_family  # noqa: E402
 TINY = os.path.join(ROOT, "assets", "tiny_llama")
 
 
@@ -171,3 +171,29 @@ def test_shared_contexts_on_a_quantized_model_and_lm_evals_scoring_one_flag_away
     shared = evaluate_tasks(model, tiny[1], "shakespeare_nextline", limit=40, batch_size=8)
     assert scorers == ["HFLM"]  # every context shared by its 4 choices: HFLM's path not taken
     assert stock["shakespeare_nextline"]["acc"] == shared["shakespeare_nextline"]["acc"]
+
+
+@pytest.mark.parametrize("family, window", [(FAMILIES[0], None), (FAMILIES[1], 4), (FAMILIES[2], None)],
+                         ids=["llama", "mistral-window-4", "qwen2"])
+def test_shared_contexts_across_families_and_sliding_windows(family, window):
+    """The same scores as HFLM on random tiny LLaMA / Mistral / Qwen2 (grouped-query attention) models. A sliding
+    window (Mistral's, here 4 tokens, shorter than the contexts) counts cache slots, padding included: such a
+    model gets one context per batch (no context padding), and still its scores."""
+    from lm_eval.models.huggingface import HFLM
+    from utils.shared_context import SharedContextLM
+
+    model = tiny_family(family)
+    if window:
+        model.config.sliding_window = window
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, TINY_CONFIG["vocab_size"], (n,), generator=g).tolist()
+    contexts = [ids(int(n)) for n in torch.randint(5, 20, (6,), generator=g)]  # 3 choices each, 1-6 tokens
+    requests = [(None, context, ids(int(k))) for context in contexts for k in torch.randint(1, 7, (3,), generator=g)]
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    scores = {}
+    for cls in (HFLM, SharedContextLM):
+        lm = cls(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=3)
+        with torch.inference_mode():
+            scores[cls] = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (ll, greedy), (ll0, greedy0) in zip(scores[SharedContextLM], scores[HFLM], strict=True):
+        assert abs(ll - ll0) < 1e-4 * max(1, abs(ll0)) and greedy == greedy0, (ll, ll0)

@@ -24,29 +24,31 @@ def _padded(rows, device, pad=0):
 
 class SharedContextLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+        batch = override_bs or self.batch_size
+        if self.backend != "causal" or not str(batch).isdigit():  # "auto" batch sizes: HFLM's own path
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        # A sliding window (Mistral; Qwen2 with use_sliding_window) counts cache slots, which another context's
+        # padding would add to: one context per pass there.
+        per_pass = 1 if getattr(self.model.config.get_text_config(), "sliding_window", None) else int(batch)
         groups = {}
         for i, (_, context, _) in enumerate(requests):
             groups.setdefault(tuple(context), []).append(i)
-        batch = override_bs or self.batch_size
-
-        def shareable(context, members):
-            longest = max(len(requests[i][2]) for i in members)
-            return len(members) > 1 and len(context) > 1 and len(context) + longest <= self.max_length + 1
-
-        if self.backend != "causal" or not str(batch).isdigit():  # "auto" batch sizes: HFLM's own path
-            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        # batches of similar lengths (little padding), the choices' first: they run 4 times as many rows
-        longest = lambda g: (max(len(requests[i][2]) for i in g[1]), len(g[0]))
-        shared = sorted(((c, m) for c, m in groups.items() if shareable(c, m)), key=longest, reverse=True)
+        longest_choice = lambda members: max(len(requests[i][2]) for i in members)
+        shareable = lambda context, members: (len(members) > 1 and len(context) > 1
+                                              and len(context) + longest_choice(members) <= self.max_length + 1)
+        # passes of similar lengths (little padding), the choices' first: they run 4 times as many rows
+        shared = sorted(((c, m) for c, m in groups.items() if shareable(c, m)),
+                        key=lambda g: (longest_choice(g[1]), len(g[0])), reverse=True)
         rest = [i for c, m in groups.items() if not shareable(c, m) for i in m]
         scores = [None] * len(requests)
-        for i, score in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm,
-                                                                 override_bs) if rest else []):
-            scores[i] = score
+        if rest:
+            for i, score in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm,
+                                                                     override_bs)):
+                scores[i] = score
         with tqdm(total=len(requests) - len(rest), disable=disable_tqdm or self.rank != 0,
                   desc="Running loglikelihood requests (shared contexts)") as bar:
-            for start in range(0, len(shared), int(batch)):
-                part = shared[start:start + int(batch)]
+            for start in range(0, len(shared), per_pass):
+                part = shared[start:start + per_pass]
                 members = [i for _, m in part for i in m]
                 for i, score in zip(members, self._score(part, [requests[i][2] for i in members])):
                     scores[i] = score

@@ -87,17 +87,17 @@ class Profile:
     low_bits: tuple = ()  # below 4 bits (issue 24): RTN, GPTQ and LLM-QAT with the paper's weight quantizer
     learned_bits: tuple = ()  # LLM-QAT with learned weight scales (lsq) at these settings
     per_text: bool = True  # rows keep ppl_by_text / acc_by_task / cpu, and are kept in <out_dir>/<table>_rows
-    # zero-shot scoring: lm-eval's HFLM, one whole sequence per choice, as every committed row was scored (a quantized
-    # model's scores move with any change of rounding, so one table keeps one scorer); True: utils/shared_context.py
-    shared_context: bool = False
 
 
 TINY = Profile(
     EMBEDDED_MODEL, "tiny_table", "the embedded 4M-parameter LLaMA", BITS, {"shakespeare_eval": EMBEDDED_EVAL}, {
-        # start ids: range(*start_ids) for every mode
+        # start ids: range(*start_ids) for every mode. Zero-shot: lm-eval's HFLM, one whole sequence per choice, as
+        # every committed row was scored (a quantized model's scores move with any change of rounding, so one table
+        # keeps one scorer); shared_context: utils/shared_context.py (each context once)
         "full": dict(start_ids=(0, 2048), gen_length=256, blocks=1536, epochs=1, lr=2e-5, eval_windows=None,
                      limit=None),
-        "quick": dict(start_ids=(320, 384), gen_length=128, blocks=24, epochs=3, lr=2e-5, eval_windows=48, limit=30),
+        "quick": dict(start_ids=(320, 384), gen_length=128, blocks=24, epochs=3, lr=2e-5, eval_windows=48, limit=30,
+                      shared_context=True),
     }, eval_dtype="auto", per_text=False)
 SMOLLM2 = Profile(
     "smollm2", "smollm2_table", "SmolLM2-135M (a real pretrained LLaMA)", ("4-8-4", "4-8-8", "4-16-16", "8-8-8"),
@@ -110,7 +110,8 @@ SMOLLM2 = Profile(
                      lr=None, tune_blocks=120, lr_candidates=(2e-5, 1e-4, 3e-4), eval_windows=64, limit=200,
                      save_steps=50),
         "quick": dict(start_ids=(0, 49152, 1536), ablation_ids=(0, 49152, 512), gen_length=64, blocks=8, epochs=1,
-                      lr=None, tune_blocks=4, lr_candidates=(2e-5, 1e-4), eval_windows=4, limit=8, save_steps=4),
+                      lr=None, tune_blocks=4, lr_candidates=(2e-5, 1e-4), eval_windows=4, limit=8, save_steps=4,
+                      shared_context=True),
     },
     generation={"hybrid": (3, 4, 5), "sampling": (1,), "greedy": (None,)},
     gen_dtype="bfloat16", train_bf16=True, eval_dtype="float32", tasks=(TASK, MODERN_TASK),
@@ -233,7 +234,7 @@ def evaluate_row(model, s, profile, setting=None, baseline=None, calib_data=None
     tasks = list(profile.tasks) if tasks is None else tasks
     return evaluate(model, setting, baseline, alpha=0.5 if baseline == "SmoothQuant" else None,
                     ppl_data=[profile.ppl_texts[t] for t in texts], seq_len=256, tasks=",".join(tasks) or None,
-                    batch_size=8, dtype=profile.eval_dtype, shared_context=profile.shared_context,
+                    batch_size=8, dtype=profile.eval_dtype, shared_context=s.get("shared_context", False),
                     max_windows=s["eval_windows"] or None, limit=s["limit"] or None, calib_data=calib_data)
 
 

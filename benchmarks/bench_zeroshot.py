@@ -35,7 +35,8 @@ def parse_args(argv=None):
 
 
 def recorded(scores):
-    """Wrap both scorers' _loglikelihood_tokens to keep each (context, choice) -> log-likelihood in scores[kind]."""
+    """Wrap both scorers' _loglikelihood_tokens (for the rest of this process) to keep each (context, choice) ->
+    log-likelihood in the newest dict of `scores`."""
     from lm_eval.models.huggingface import HFLM
     from utils.shared_context import SharedContextLM
     for cls in (HFLM, SharedContextLM):

@@ -33,13 +33,15 @@ class SharedContextLM(HFLM):
         groups = {}
         for i, (_, context, _) in enumerate(requests):
             groups.setdefault(tuple(context), []).append(i)
-        longest_choice = lambda members: max(len(requests[i][2]) for i in members)
-        shareable = lambda context, members: (len(members) > 1 and len(context) > 1
-                                              and len(context) + longest_choice(members) <= self.max_length + 1)
+        shared, rest = [], []  # (longest choice, context, members) of the shared contexts; the other requests
+        for context, members in groups.items():
+            longest = max(len(requests[i][2]) for i in members)
+            if len(members) > 1 and len(context) > 1 and len(context) + longest <= self.max_length + 1:
+                shared.append((longest, context, members))
+            else:
+                rest += members
         # passes of similar lengths (little padding), the choices' first: they run 4 times as many rows
-        shared = sorted(((c, m) for c, m in groups.items() if shareable(c, m)),
-                        key=lambda g: (longest_choice(g[1]), len(g[0])), reverse=True)
-        rest = [i for c, m in groups.items() if not shareable(c, m) for i in m]
+        shared = [(c, m) for _, c, m in sorted(shared, key=lambda g: (g[0], len(g[1])), reverse=True)]
         scores = [None] * len(requests)
         if rest:
             for i, score in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm,

@@ -6,4 +6,7 @@
 # Flags: --out_dir DIR, --work_dir DIR (python -m utils.reproduce --help). Environment: PYTHON.
 set -e
 cd "$(dirname "$0")"
-exec ${PYTHON:-python} -c "from utils.allocator import tune_cpu_allocator; tune_cpu_allocator(); from utils.errors import cli; from utils.reproduce import main; cli(main)" "$@"
+exec ${PYTHON:-python} -c "from utils.startup import imports_without_gc
+with imports_without_gc():
+    from utils.allocator import tune_cpu_allocator; tune_cpu_allocator(); from utils.errors import cli; from utils.reproduce import main
+cli(main)" "$@"

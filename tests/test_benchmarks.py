@@ -369,6 +369,15 @@ def test_bench_allocator():
     positive(*fields(r"allocator_step_speedup (\d+\.\d{2})", out[-1]))
 
 
+def test_bench_startup():
+    out = lines(bench("bench_startup.py", "--scripts", "merge_gen_data.py", "--rounds", 1))
+    assert out[0] == "python SCRIPT --help, 1 round(s), threads 1", out
+    positive(*fields(r"  merge_gen_data\.py +gc off (\d+\.\d\d) s \(CPU (\d+\.\d\d)\)   "
+                     r"gc on (\d+\.\d\d) s \(CPU (\d+\.\d\d)\)", out[1]))
+    positive(*fields(r"startup_speedup (\d+\.\d\d)", out[-1]))
+    assert len(out) == 3
+
+
 def test_bench_zeroshot():
     out = lines(bench("bench_zeroshot.py", "--limit", 4, "--rounds", 2, "--threads", 1, "--compare_attention"))
     assert out[0].startswith("model assets/tiny_llama, RTN W-A-KV 4-8-4") and "4 docs each" in out[0]
@@ -387,7 +396,7 @@ def test_every_benchmark_is_tested():
     scripts = {p.name for p in BENCH.glob("*.py")}
     covered = {"bench_allocator.py", "bench_bf16.py", "bench_export.py", "bench_generate.py", "bench_host_memory.py", "bench_qat.py",
                "gen_dtype.py", "gpu_check.py", "llama_cpp_check.py", "token_curve.py", "roofline.py",
-               "bench_zeroshot.py"}
+               "bench_zeroshot.py", "bench_startup.py"}
     assert scripts <= covered, f"benchmarks without a test in tests/test_benchmarks.py: {sorted(scripts - covered)}"
     source = open(__file__).read()
     for name in covered:

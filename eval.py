@@ -7,7 +7,7 @@ Every flag: python eval.py --help.
 """
 from utils.startup import imports_without_gc
 
-with imports_without_gc():  # ~1 s less start-up (utils/startup.py)
+with imports_without_gc():  # ~1.7 s less start-up (utils/startup.py)
     from utils.allocator import tune_cpu_allocator
     from utils.errors import cli
     from utils.evaluate import main as evaluate_main

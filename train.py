@@ -5,7 +5,7 @@ Usually launched through run_train.sh W A KV. Every flag: python train.py --help
 """
 from utils.startup import imports_without_gc
 
-with imports_without_gc():  # ~1 s less start-up (utils/startup.py)
+with imports_without_gc():  # ~1.7 s less start-up (utils/startup.py)
     from utils.allocator import tune_cpu_allocator
     from utils.errors import cli
     from utils.process_args import process_args

@@ -3,7 +3,7 @@
 Without local files it loads them from the Hugging Face hub. Rerunning replaces the outputs."""
 from utils.startup import imports_without_gc
 
-with imports_without_gc():  # ~0.5 s less start-up (utils/startup.py)
+with imports_without_gc():  # ~0.3-0.5 s less start-up (utils/startup.py)
     from utils.errors import cli
     from utils.eval_data import main as prepare_main
 

@@ -46,16 +46,21 @@ def test_off_inside_the_block_then_frozen_and_on(collector, monkeypatch):
 
 
 def test_import_gc_1_or_an_already_disabled_collector_changes_nothing(collector, monkeypatch):
+    """Nothing is frozen: a freeze would add the block's 1000 live objects. (The count itself is not fixed: a
+    frozen object freed by reference counting, anywhere in the worker, leaves it.)"""
     monkeypatch.setenv("LLMQAT_IMPORT_GC", "1")
     frozen = gc.get_freeze_count()
     with imports_without_gc():
         assert gc.isenabled()
-    assert gc.get_freeze_count() == frozen
+        made = [Node() for _ in range(1000)]
+    assert gc.get_freeze_count() < frozen + len(made)
     monkeypatch.delenv("LLMQAT_IMPORT_GC")
     gc.disable()
+    frozen = gc.get_freeze_count()
     with imports_without_gc():
         assert not gc.isenabled()
-    assert not gc.isenabled() and gc.get_freeze_count() == frozen
+        made = [Node() for _ in range(1000)]
+    assert not gc.isenabled() and gc.get_freeze_count() < frozen + len(made)
 
 
 SCRIPTS = ("train.py", "eval.py", "generate_data.py", "merge_gen_data.py", "prepare_eval_data.py")

@@ -18,11 +18,13 @@ matmul rate at their own shapes and thread count.
     median of the pairs' own ratios and a distribution-free 90% interval for it (order statistics).
     --paired_precision: likewise the fp32 QAT run alternates fp32 steps with bf16 ones (bf16 autocast and a bf16
     teacher, as --bf16 trains), so bf16 over fp32 is measured step beside step.
+    --paired_attention: the bf16 QAT run alternates steps with sdpa attention (the default) and eager attention
+    (train.py --attn_implementation eager: student and teacher), so eager over sdpa is measured step beside step.
 
 step_gemm_fraction = (time the step's matmuls take alone at the measured bf16 rate) / (bf16 QAT step time).
 
     python benchmarks/roofline.py [--model smollm2] [--threads 2] [--parts gen,step] [--steps 4] [--rounds 3]
-                                  [--paired] [--paired_precision]
+                                  [--paired | --paired_attention] [--paired_precision]
     python benchmarks/roofline.py --model assets/tiny_llama --steps 2 --rounds 1 --gen_ids 8   # the suite's smoke run
 """
 import argparse
@@ -71,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--paired_precision", action="store_true",
                    help="the fp32 QAT run alternates fp32 and bf16 steps (a bf16 teacher beside the fp32 one; twice "
                         "the steps): bf16 over fp32 measured step beside step")
+    p.add_argument("--paired_attention", action="store_true",
+                   help="the bf16 QAT run alternates sdpa and eager attention steps (twice the steps): "
+                        "--attn_implementation eager over the default measured step beside step")
     p.add_argument("--compile_layers", action="store_true", help="train.py --compile_layers in every step variant")
     p.add_argument("--gen_ids", type=int, default=86, help="start ids generated (x3 prefix lengths: 258 sequences, "
                    "so that the default batch is the table's, 256)")
@@ -78,7 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--gen_max_length", type=int, default=128)
     p.add_argument("--gen_dtype", default="auto")
     p.add_argument("--reps", type=int, default=5, help="timings per matmul shape (median)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.paired and args.paired_attention:
+        p.error("--paired and --paired_attention both pair the bf16 QAT run; pass one")
+    if args.paired_attention and args.compile_layers:
+        p.error("--paired_attention with --compile_layers: compiled layers on a CPU already use eager attention")
+    return args
 
 
 # ---- matmul rate at given shapes ----
@@ -351,6 +361,32 @@ class PrecisionPairedTimer(AlternatingTimer):
     other: the bf16 steps'."""
 
 
+class AttentionPairedTimer(AlternatingTimer):
+    """The other kind with eager attention in the student and the teacher: used with alternating_attention().
+    times: the default (sdpa) steps', other: the eager ones'."""
+
+
+@contextlib.contextmanager
+def alternating_attention(timer):
+    """While open, KDTrainer runs the student and the teacher with eager attention whenever timer.alternate (as
+    --attn_implementation eager loads them), else with the attention they were loaded with."""
+    trainer_cls = kd_trainer.KDTrainer
+    compute_loss, loaded = trainer_cls.compute_loss, {}
+
+    def paired_loss(self, model, inputs, *args, **kwargs):
+        for m in filter(None, (model, self.teacher)):
+            name = "eager" if timer.alternate else loaded.setdefault(id(m), m.config._attn_implementation)
+            if m.config._attn_implementation != name:
+                m.set_attn_implementation(name)
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    trainer_cls.compute_loss = paired_loss
+    try:
+        yield
+    finally:
+        trainer_cls.compute_loss = compute_loss
+
+
 @contextlib.contextmanager
 def alternating_precision(timer, path, compiled):
     """While open, KDTrainer steps in bf16 whenever timer.alternate: bf16 autocast around the loss (as --bf16 gives) and
@@ -398,13 +434,16 @@ def median_interval(values, confidence=0.9):
 
 def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=None, beside=None):
     """The seconds of each training step after 2 warm-ups, and the profiler of one if asked; paired "quant": every
-    other step unquantized (PairedTimer), "precision": every other step in bf16 (PrecisionPairedTimer), whose
-    seconds come third; beside: called after each kept step (StepTimer), its results fourth."""
+    other step unquantized (PairedTimer), "precision": every other step in bf16 (PrecisionPairedTimer), "attention":
+    every other step with eager attention (AttentionPairedTimer), the other steps' seconds third; beside: called after each kept step (StepTimer), its results fourth."""
     steps = args.steps * (2 if paired else 1)
     # the profiled step stays the last one (after the timed steps)
-    timer_cls = {None: StepTimer, "quant": PairedTimer, "precision": PrecisionPairedTimer}[paired]
+    timer_cls = {None: StepTimer, "quant": PairedTimer, "precision": PrecisionPairedTimer,
+                 "attention": AttentionPairedTimer}[paired]
     timer = timer_cls(profile_step and profile_step + steps - args.steps, args.compile_layers, beside)
-    with alternating_precision(timer, path, args.compile_layers) if paired == "precision" else contextlib.nullcontext():
+    alternating = {"precision": lambda: alternating_precision(timer, path, args.compile_layers),
+                   "attention": lambda: alternating_attention(timer)}.get(paired, contextlib.nullcontext)
+    with alternating():
         timed_training(path, args.data, tmp, name, setting, bf16, steps + 2 + bool(profile_step), args.batch,
                        args.seq, args.optim, timer.profile_step, args.compile_layers, timer)
     warm = 1 if paired else 2  # 2 warm-up steps: one of each kind when paired
@@ -442,6 +481,7 @@ def step(args, path):
             for name, setting, bf16 in variants if r % 2 == 0 else variants[::-1]:
                 profile = args.steps + 3 if name == "qat_bf16" else None  # one profiled step per round
                 paired = ("quant" if args.paired and name == "qat_bf16" else
+                          "attention" if args.paired_attention and name == "qat_bf16" else
                           "precision" if args.paired_precision and name == "qat_fp32" else None)
                 # the bf16 QAT steps' matmuls timed alone right after each step: the gemm fraction step by step
                 beside = ((lambda: gemm_time(shapes, torch.bfloat16, 1, operands=operands)[1])
@@ -450,7 +490,8 @@ def step(args, path):
                 times[name] += t
                 times["gemm_beside"] += gemms
                 if paired:
-                    times["kd_bf16_paired" if paired == "quant" else "qat_bf16_paired"] += other
+                    times[{"quant": "kd_bf16_paired", "precision": "qat_bf16_paired",
+                           "attention": "qat_bf16_eager_attention"}[paired]] += other
                 if p is not None:
                     profiles.append(breakdown(p))
             for dtype in (torch.bfloat16, torch.float32):
@@ -472,6 +513,11 @@ def step(args, path):
         print(f"  paired in one run, every other step in bf16: QAT fp32 {t['qat_fp32']:.3f} s, bf16 "
               f"{t['qat_bf16_paired']:.3f} s: bf16_over_fp32_speedup_paired {t['qat_fp32'] / t['qat_bf16_paired']:.2f}")
         print_pairs("fp32", "bf16", (times["qat_fp32"], times["qat_bf16_paired"]))
+    if args.paired_attention:
+        print(f"  paired in one run, every other step with eager attention: QAT bf16 {t['qat_bf16']:.3f} s (sdpa), "
+              f"{t['qat_bf16_eager_attention']:.3f} s (eager): eager_attention_speedup_paired "
+              f"{t['qat_bf16'] / t['qat_bf16_eager_attention']:.3f}")
+        print_pairs("sdpa", "eager", (times["qat_bf16"], times["qat_bf16_eager_attention"]))
     print(f"  step matmuls {flops / 1e12:.3f} TFLOP: achieved {flops / t['qat_bf16'] / 1e9:.0f} GFLOP/s in bf16, "
           f"{flops / t['qat_fp32'] / 1e9:.0f} GFLOP/s in fp32")
     # per kind, the median over the rounds' profiled steps (a stalled core doubles one step's every figure)

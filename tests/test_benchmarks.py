@@ -278,6 +278,45 @@ def test_roofline():
     positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
 
 
+def test_roofline_paired_attention():
+    """--paired_attention's line and pairs (the step part alone); it excludes --paired."""
+    out = lines(bench("roofline.py", "--model", TINY_MODEL, "--steps", 2, "--rounds", 1, "--parts", "step",
+                      "--paired_attention"))
+    paired = next(line for line in out if "every other step with eager attention" in line)
+    positive(*fields(r".*QAT bf16 (\d+\.\d{3}) s \(sdpa\), (\d+\.\d{3}) s \(eager\): eager_attention_speedup_paired "
+                     r"(\d+\.\d{3})", paired))
+    assert any(line.startswith("  the pairs in order (sdpa / eager, s): ") for line in out), out
+    positive(*fields(r"step_gemm_fraction (\d+\.\d{3})", out[-1]))
+    with pytest.raises(SystemExit):
+        load("roofline.py").parse_args(["--paired", "--paired_attention"])
+
+
+def test_roofline_attention_pairs_alternate_sdpa_and_eager_steps(tmp_path, monkeypatch):
+    """--paired_attention: in the bf16 QAT run every other step (not the profiled one) runs the student's and the
+    teacher's attention eagerly, the others with the attention they were loaded with; the trainer is restored."""
+    from transformers.models.llama import modeling_llama
+
+    from utils import kd_trainer
+    from utils.constants import EMBEDDED_MODEL
+    roofline, calls, eager = load("roofline.py"), [], modeling_llama.eager_attention_forward
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    per_step, real = [], kd_trainer.KDTrainer.compute_loss
+
+    def counted(self, *args, **kwargs):
+        calls.clear()
+        loss = real(self, *args, **kwargs)
+        per_step.append(len(calls))
+        return loss
+    monkeypatch.setattr(kd_trainer.KDTrainer, "compute_loss", counted)
+    timer = roofline.AttentionPairedTimer(profile_step=5)
+    with roofline.alternating_attention(timer):
+        roofline.timed_training(EMBEDDED_MODEL, str(roofline.DATA / "shakespeare_train.jsonl"), str(tmp_path), "a",
+                                "4-8-4", True, 5, batch=2, seq=32, profile_step=5, timer=timer)
+    assert per_step == [0, 8, 0, 8, 0]  # 4 layers of the student and 4 of the teacher; step 5 profiled: sdpa
+    assert len(timer.times) == 3 and len(timer.other) == 2
+    assert kd_trainer.KDTrainer.compute_loss is counted
+
+
 def test_roofline_matmul_timings_make_their_operands_once(monkeypatch):
     """The step-by-step timings (step_gemm_fraction_beside) pass one dict: a shape's operands are drawn once."""
     roofline, drawn, randn = load("roofline.py"), [], torch.randn

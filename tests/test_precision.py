@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from safetensors import safe_open
+from transformers import TrainerCallback
 
 from conftest import run_cli
 
@@ -81,3 +82,51 @@ def test_precision_contradictions_are_one_line_before_any_work(tmp_path, flags, 
         cli(lambda: process_args(["--local_dir", str(tmp_path / "out"), *flags]))
     assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code), e.value.code
     assert not (tmp_path / "out").exists()
+
+
+class LossLog(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def test_attn_implementation_eager_runs_the_student_and_the_teacher_eagerly_and_sdpa_wins_over_the_original(
+        tmp_path, monkeypatch):
+    """--attn_implementation eager: every attention of the student's and the teacher's forward is Hugging Face's
+    eager one (the default runs none), and in fp32 the first KD loss is the default's; an explicit
+    choice also overrides the original regime's eager attention; a bad value is one line."""
+    from transformers.models.llama import modeling_llama
+
+    from utils import precision
+    from utils.errors import cli
+    from utils.process_args import process_args
+    from utils.train_qat import run
+    calls, eager = [], modeling_llama.eager_attention_forward
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    losses = {}
+    for attention, qat in (("sdpa", "True"), ("eager", "True"), ("sdpa", "False"), ("eager", "False")):
+        calls.clear()
+        out = tmp_path / f"{attention}{qat}"
+        args = process_args([*SHORT, "--max_steps", "1", "--per_device_train_batch_size", "2", "--qat", qat,
+                             "--local_dir", str(out), "--output_dir", str(out / "ckpt"),
+                             *(["--attn_implementation", "eager"] if attention == "eager" else [])])
+        logged = LossLog()
+        run(*args, callbacks=[logged])
+        losses[attention, qat] = logged.losses[0]
+        # one step: the student's forward (4 layers; its backward reuses it) and the teacher's (4 layers)
+        assert len(calls) == (8 if attention == "eager" else 0), (attention, len(calls))
+    # the same attention, in fp32: the unquantized student's loss agrees (the 4-bit student's roundings move with
+    # any change of the attention's: 0.14% here)
+    assert close(losses["eager", "False"], losses["sdpa", "False"], 1e-5), losses
+    original = process_args(["--precision", "original", "--attn_implementation", "sdpa", "--local_dir", str(tmp_path)])
+    assert precision.model_kwargs(original[2]) == {"attn_implementation": "sdpa"}
+    assert precision.model_kwargs(process_args(["--local_dir", str(tmp_path)])[2]) == {}
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: process_args(["--attn_implementation", "flash", "--local_dir", str(tmp_path / "bad")]))
+    assert str(e.value.code).startswith(
+        "error: argument --attn_implementation/--attn-implementation: invalid choice: 'flash' (choose from 'sdpa', "
+        "'eager')")
+    assert "\n" not in str(e.value.code) and not (tmp_path / "bad").exists()

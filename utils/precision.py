@@ -60,7 +60,9 @@ def teacher_dtype(args):
 def model_kwargs(args):
     """Extra from_pretrained arguments: eager attention (fp32 softmax) in the original's regime, and for
     --compile_layers on a CPU, where the compiler fuses its softmax and the step beats the CPU flash kernel
-    (docs/speed.md); a GPU keeps its fused attention kernel."""
+    (docs/speed.md); a GPU keeps its fused attention kernel. --attn_implementation, when given, decides."""
+    if getattr(args, "attn_implementation", None):
+        return {"attn_implementation": args.attn_implementation}
     if is_original(args) or (getattr(args, "compile_layers", False) and args.device.type == "cpu"):
         return {"attn_implementation": "eager"}
     return {}

@@ -435,7 +435,8 @@ def median_interval(values, confidence=0.9):
 def train_step(args, path, tmp, name, setting, bf16, profile_step=None, paired=None, beside=None):
     """The seconds of each training step after 2 warm-ups, and the profiler of one if asked; paired "quant": every
     other step unquantized (PairedTimer), "precision": every other step in bf16 (PrecisionPairedTimer), "attention":
-    every other step with eager attention (AttentionPairedTimer), the other steps' seconds third; beside: called after each kept step (StepTimer), its results fourth."""
+    every other step with eager attention (AttentionPairedTimer), the other steps' seconds third; beside: called
+    after each kept step (StepTimer), its results fourth."""
     steps = args.steps * (2 if paired else 1)
     # the profiled step stays the last one (after the timed steps)
     timer_cls = {None: StepTimer, "quant": PairedTimer, "precision": PrecisionPairedTimer,

@@ -118,6 +118,8 @@ def test_attn_implementation_eager_runs_the_student_and_the_teacher_eagerly_and_
         losses[attention, qat] = logged.losses[0]
         # one step: the student's forward (4 layers; its backward reuses it) and the teacher's (4 layers)
         assert len(calls) == (8 if attention == "eager" else 0), (attention, len(calls))
+        if qat == "True":  # the run's choice, not the model's: the saved config does not carry it
+            assert "eager" not in (out / "models" / "W4A8KV4" / "config.json").read_text()
     # the same attention, in fp32: the unquantized student's loss agrees (the 4-bit student's roundings move with
     # any change of the attention's: 0.14% here)
     assert close(losses["eager", "False"], losses["sdpa", "False"], 1e-5), losses

@@ -111,7 +111,8 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "Attention of the student and the teacher: sdpa (PyTorch's fused kernel) or eager (Hugging Face's "
                 "matmuls and fp32 softmax: on a CPU at blocks of a few hundred tokens the step is faster, "
                 "docs/speed.md; its memory grows with the square of the block length). None: sdpa, and eager "
-                "under --precision original or --compile_layers on a CPU", "choices": ["sdpa", "eager"]})
+                "under --precision original or --compile_layers on a CPU. Not saved: the trained model loads with the default",
+        "choices": ["sdpa", "eager"]})
     warmup_ratio: float = field(default=None, metadata={"help": "The original's flag (transformers 5 folded it "
                                                                    "into --warmup_steps, where a value < 1 is a ratio)"})
 

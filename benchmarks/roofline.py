@@ -375,7 +375,8 @@ def alternating_attention(timer):
 
     def paired_loss(self, model, inputs, *args, **kwargs):
         for m in filter(None, (model, self.teacher)):
-            name = "eager" if timer.alternate else loaded.setdefault(id(m), m.config._attn_implementation)
+            own = loaded.setdefault(id(m), m.config._attn_implementation)  # before any switch
+            name = "eager" if timer.alternate else own
             if m.config._attn_implementation != name:
                 m.set_attn_implementation(name)
         return compute_loss(self, model, inputs, *args, **kwargs)

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import TrainerCallback
@@ -366,12 +367,10 @@ class AttentionPairedTimer(AlternatingTimer):
     times: the default (sdpa) steps', other: the eager ones'."""
 
 
-@contextlib.contextmanager
 def alternating_attention(timer):
-    """While open, KDTrainer runs the student and the teacher with eager attention whenever timer.alternate (as
-    --attn_implementation eager loads them), else with the attention they were loaded with."""
-    trainer_cls = kd_trainer.KDTrainer
-    compute_loss, loaded = trainer_cls.compute_loss, {}
+    """While open (a patch of KDTrainer), the student and the teacher run with eager attention whenever
+    timer.alternate (as --attn_implementation eager loads them), else with the attention they were loaded with."""
+    compute_loss, loaded = kd_trainer.KDTrainer.compute_loss, {}
 
     def paired_loss(self, model, inputs, *args, **kwargs):
         for m in filter(None, (model, self.teacher)):
@@ -381,17 +380,13 @@ def alternating_attention(timer):
                 m.set_attn_implementation(name)
         return compute_loss(self, model, inputs, *args, **kwargs)
 
-    trainer_cls.compute_loss = paired_loss
-    try:
-        yield
-    finally:
-        trainer_cls.compute_loss = compute_loss
+    return mock.patch.object(kd_trainer.KDTrainer, "compute_loss", paired_loss)
 
 
-@contextlib.contextmanager
 def alternating_precision(timer, path, compiled):
-    """While open, KDTrainer steps in bf16 whenever timer.alternate: bf16 autocast around the loss (as --bf16 gives) and
-    the KD teacher swapped for a bf16 one, loaded as train.py loads it (compiled like it under --compile_layers)."""
+    """While open (a patch of KDTrainer), it steps in bf16 whenever timer.alternate: bf16 autocast around the loss (as
+    --bf16 gives) and the KD teacher swapped for a bf16 one, loaded as train.py loads it (compiled like it under
+    --compile_layers)."""
     from utils import precision
     trainer_cls = kd_trainer.KDTrainer
     autocast, compute_loss = trainer_cls.autocast_smart_context_manager, trainer_cls.compute_loss
@@ -412,11 +407,7 @@ def alternating_precision(timer, path, compiled):
             self.teacher = teachers[timer.alternate]
         return compute_loss(self, model, inputs, *args, **kwargs)
 
-    trainer_cls.autocast_smart_context_manager, trainer_cls.compute_loss = paired_autocast, paired_loss
-    try:
-        yield
-    finally:
-        trainer_cls.autocast_smart_context_manager, trainer_cls.compute_loss = autocast, compute_loss
+    return mock.patch.multiple(trainer_cls, autocast_smart_context_manager=paired_autocast, compute_loss=paired_loss)
 
 
 def median_interval(values, confidence=0.9):

@@ -121,6 +121,15 @@ def bpe_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def eager_attention_calls(monkeypatch):
+    """A list that grows by one at every call of Hugging Face's eager attention (the Llama models')."""
+    from transformers.models.llama import modeling_llama
+    calls, eager = [], modeling_llama.eager_attention_forward
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    return calls
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_collection(session):
     """Collection imports torch, the test modules and theirs, which live as long as the worker: imported as the

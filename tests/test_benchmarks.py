@@ -291,15 +291,12 @@ def test_roofline_paired_attention():
         load("roofline.py").parse_args(["--paired", "--paired_attention"])
 
 
-def test_roofline_attention_pairs_alternate_sdpa_and_eager_steps(tmp_path, monkeypatch):
+def test_roofline_attention_pairs_alternate_sdpa_and_eager_steps(tmp_path, monkeypatch, eager_attention_calls):
     """--paired_attention: in the bf16 QAT run every other step (not the profiled one) runs the student's and the
     teacher's attention eagerly, the others with the attention they were loaded with; the trainer is restored."""
-    from transformers.models.llama import modeling_llama
-
     from utils import kd_trainer
     from utils.constants import EMBEDDED_MODEL
-    roofline, calls, eager = load("roofline.py"), [], modeling_llama.eager_attention_forward
-    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    roofline, calls = load("roofline.py"), eager_attention_calls
     per_step, real = [], kd_trainer.KDTrainer.compute_loss
 
     def counted(self, *args, **kwargs):

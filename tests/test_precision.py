@@ -94,19 +94,15 @@ class LossLog(TrainerCallback):
 
 
 def test_attn_implementation_eager_runs_the_student_and_the_teacher_eagerly_and_sdpa_wins_over_the_original(
-        tmp_path, monkeypatch):
+        tmp_path, eager_attention_calls):
     """--attn_implementation eager: every attention of the student's and the teacher's forward is Hugging Face's
     eager one (the default runs none), and in fp32 the first KD loss is the default's; an explicit
     choice also overrides the original regime's eager attention; a bad value is one line."""
-    from transformers.models.llama import modeling_llama
-
     from utils import precision
     from utils.errors import cli
     from utils.process_args import process_args
     from utils.train_qat import run
-    calls, eager = [], modeling_llama.eager_attention_forward
-    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
-    losses = {}
+    calls, losses = eager_attention_calls, {}
     for attention, qat in (("sdpa", "True"), ("eager", "True"), ("sdpa", "False"), ("eager", "False")):
         calls.clear()
         out = tmp_path / f"{attention}{qat}"
